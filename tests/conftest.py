@@ -1,0 +1,44 @@
+"""Shared fixtures: the ../shared folder (real CT) and tiny synthetic phantom data sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FLARE23_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared not found at {SHARED} (set FLARE23_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir(shared_dir) -> Path:
+    d = shared_dir / "data" / "real_ct" / "ts_example_ct"
+    if not (d / "ct.nii.gz").exists():
+        pytest.skip(f"real CT example missing at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def real_dicom_dir(shared_dir) -> Path:
+    d = shared_dir / "data" / "real_ct" / "ts_example_dicom"
+    if not (d / "dicom").is_dir():
+        pytest.skip(f"real DICOM example missing at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_phantoms(tmp_path_factory) -> Path:
+    """Six tiny phantom cases (about 64 x 64 x 32) with datalist.json, generated once per session."""
+    from flare23.phantoms import generate_phantoms
+
+    out = tmp_path_factory.mktemp("phantoms_tiny")
+    generate_phantoms(out, cases=6, seed=0, size="tiny")
+    return out
