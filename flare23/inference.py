@@ -1,0 +1,478 @@
+"""The cascade inferer of the pipeline bundle (METHOD.md section 5) and its I/O transforms.
+
+Per case, :class:`CascadeInferer` does, on one device:
+
+1. ROI stage: stride-subsample the scan (a view, no interpolation), normalise, run the light
+   U-Net (:mod:`flare23.roi`), and turn the mask into a crop box with physical margins. An empty
+   ROI gives an all-background result and a warning.
+2. Crop, and reorient the crop to RAS (a permutation and flips: the fine models were trained on
+   ``Orientationd(axcodes="RAS")`` data).
+3. Tumor branch, then organ branch: resample the crop on the device to the model's spacing
+   (:func:`flare23.resample.resample_image`), CT-normalise with the fingerprint, Gaussian sliding
+   window with a softmax per patch (no test-time mirroring), probabilities accumulated in half
+   precision on CUDA. On CUDA the organ branch's preprocessing runs in a thread while the tumor
+   branch's windows run.
+4. Back to the crop grid on the device in blocks of slices: trilinear interpolation + arg-max
+   (:func:`flare23.resample.resample_labels`), seam-free, bounded memory.
+5. Ensemble (eq. 5) and post-processing (:mod:`flare23.postprocess`), back to the input's array
+   orientation, pasted into a full-size background volume.
+
+Weights of the three networks load in a background thread (:meth:`CascadeNetworks.load_async`)
+while the first image is read and subsampled; each stage waits only for its own network.
+Per-stage wall times of every case are kept in :attr:`CascadeInferer.timings`.
+
+Precision: ``"auto"`` is fp16 autocast on CUDA and bf16 autocast on CPU (MEASUREMENTS.md: bf16
+halves the network time on this CPU); ``"fp32"`` turns autocast off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.transforms import MapTransform
+
+from flare23 import roi as roi_lib
+from flare23.errors import Flare23Error
+from flare23.io import voxel_spacing
+from flare23.postprocess import ensemble, postprocess
+from flare23.resample import DEFAULT_BLOCK, resample_image, resample_labels
+from flare23.training import load_weights
+
+logger = logging.getLogger(__name__)
+
+
+# --- networks ---------------------------------------------------------------------------------
+class CascadeNetworks(torch.nn.Module):
+    """The pipeline's ``network_def``: the ROI, organ and tumor networks in one module.
+
+    Its state dict (keys ``roi.*``, ``organ.*``, ``tumor.*``) is the combined checkpoint that
+    MONAI Label loads as one model. ``forward`` runs the organ network (the cascade itself is
+    the job of :class:`CascadeInferer`).
+    """
+
+    PARTS = ("roi", "organ", "tumor")
+
+    def __init__(self, roi: torch.nn.Module, organ: torch.nn.Module, tumor: torch.nn.Module):
+        super().__init__()
+        self.roi, self.organ, self.tumor = roi, organ, tumor
+        self._ready = {p: threading.Event() for p in self.PARTS}
+        for event in self._ready.values():
+            event.set()
+        self._errors: dict[str, BaseException] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.organ(x)
+
+    def load_async(self, roi_ckpt=None, organ_ckpt=None, tumor_ckpt=None, combined_ckpt=None, enabled: bool = True):
+        """Load weights in a background thread (ROI first); stages wait with :meth:`wait`.
+
+        The three sub-bundle checkpoints are used when they all exist; otherwise ``combined_ckpt``
+        (a packed pipeline ``model.pt``, see :func:`pack_checkpoints`). ``enabled=False`` keeps
+        random weights and warns (smoke tests, speed measurements).
+        """
+        if not enabled:
+            warnings.warn("load_pretrain is false: the pipeline runs with RANDOM weights", stacklevel=2)
+            return None
+        for event in self._ready.values():
+            event.clear()
+        self._errors.clear()
+        paths = {"roi": roi_ckpt, "organ": organ_ckpt, "tumor": tumor_ckpt}
+        use_combined = not all(p and Path(p).is_file() for p in paths.values()) and combined_ckpt and Path(combined_ckpt).is_file()
+
+        def work():
+            if use_combined:
+                try:
+                    load_weights(self, combined_ckpt, key=None)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
+                    for p in self.PARTS:
+                        self._errors[p] = exc
+                for p in self.PARTS:
+                    self._ready[p].set()
+                return
+            for part in self.PARTS:
+                try:
+                    if not paths[part]:
+                        raise Flare23Error(f"no checkpoint given for the {part} network")
+                    load_weights(getattr(self, part), paths[part])
+                except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
+                    self._errors[part] = exc
+                finally:
+                    self._ready[part].set()
+
+        thread = threading.Thread(target=work, name="flare23-weights", daemon=True)
+        thread.start()
+        return thread
+
+    def wait(self, part: str) -> torch.nn.Module:
+        self._ready[part].wait()
+        if part in self._errors:
+            raise self._errors[part]
+        return getattr(self, part)
+
+
+def pack_checkpoints(roi_ckpt, organ_ckpt, tumor_ckpt, out_path, networks: CascadeNetworks) -> Path:
+    """Write one state dict ``{roi.*, organ.*, tumor.*}`` (checked by a strict load) atomically."""
+    from flare23.io import atomic_path
+
+    for part, path in zip(CascadeNetworks.PARTS, (roi_ckpt, organ_ckpt, tumor_ckpt)):
+        load_weights(getattr(networks, part), path)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in networks.state_dict().items()}, str(tmp))
+    return out_path
+
+
+# --- the cascade ------------------------------------------------------------------------------
+@dataclass
+class Branch:
+    """What the cascade needs of one fine model (read from its bundle's inference.json)."""
+
+    name: str
+    target_spacing: Sequence[float]  # RAS (x, y, z) mm
+    patch_size: Sequence[int]
+    overlap: float
+    clip_low: float
+    clip_high: float
+    mean: float
+    std: float
+    sw_batch_size: int = 1
+
+
+@dataclass
+class StageTimer:
+    device: torch.device
+    times: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if device.type == "cpu" and precision in ("auto", "bf16"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class CascadeInferer(Inferer):
+    """ROI -> crop -> tumor and organ models -> labels on the crop grid -> ensemble -> full volume.
+
+    Called by MONAI's ``SupervisedEvaluator`` as ``inferer(inputs, network)`` with ``inputs`` a
+    MetaTensor ``(1, 1, X, Y, Z)`` in the file's array order (its ``affine`` is the input's) and
+    ``network`` a :class:`CascadeNetworks`. Returns the uint8 label map ``(1, 1, X, Y, Z)`` on
+    ``out_device`` (CPU by default), in the input's array order and shape.
+    """
+
+    def __init__(
+        self,
+        tumor: Branch,
+        organ: Branch,
+        roi_params: dict | None = None,
+        block: int = DEFAULT_BLOCK,
+        precision: str = "auto",
+        postprocessing: bool = True,
+        overlap_branches: str | bool = "auto",
+        out_device: str | torch.device = "cpu",
+    ):
+        super().__init__()
+        self.tumor, self.organ = tumor, organ
+        self.roi_params = dict(roi_params or {})
+        self.block = int(block)
+        self.precision = precision
+        self.postprocessing = bool(postprocessing)
+        self.overlap_branches = overlap_branches
+        self.out_device = torch.device(out_device)
+        self.timings: list[dict] = []
+        self.boxes: list = []
+
+    # one branch: preprocessing ----------------------------------------------------------------
+    @staticmethod
+    def _prepare(branch: Branch, crop_ras: torch.Tensor, spacing_ras, device) -> tuple[torch.Tensor, tuple]:
+        x = crop_ras.to(device=device, dtype=torch.float32, non_blocking=True)
+        shape = tuple(int(s) for s in x.shape)
+        target = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_ras, branch.target_spacing))
+        if target != shape:
+            x = resample_image(x, target)
+        x = x.clamp_(branch.clip_low, branch.clip_high).sub_(branch.mean).div_(max(branch.std, 1e-8))
+        return x[None, None], shape
+
+    def _windows(self, branch: Branch, net: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+        half = device.type == "cuda" and self.precision != "fp32"
+        sw = SlidingWindowInferer(
+            roi_size=list(branch.patch_size),
+            sw_batch_size=branch.sw_batch_size,
+            overlap=branch.overlap,
+            mode="gaussian",
+            sigma_scale=0.125,
+            padding_mode="constant",
+            cval=float(x.min()),
+            progress=False,
+        )
+
+        def predictor(patch):
+            with _autocast(device, self.precision):
+                logits = net(patch)
+            probs = torch.softmax(logits.float(), dim=1)
+            return probs.half() if half else probs
+
+        with torch.inference_mode():
+            return sw(x, predictor)[0]
+
+    # the whole cascade --------------------------------------------------------------------------
+    def __call__(self, inputs: torch.Tensor, network: CascadeNetworks, *args, **kwargs) -> torch.Tensor:
+        if inputs.shape[0] != 1:
+            raise ValueError("CascadeInferer expects one case per batch")
+        affine = np.asarray(getattr(inputs, "affine", torch.eye(4)).detach().cpu().numpy(), dtype=float)
+        if affine.ndim == 3:
+            affine = affine[0]
+        device = next(network.parameters()).device
+        timer = StageTimer(device)
+        image = inputs[0, 0]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image
+        full_shape = tuple(int(s) for s in image.shape)
+        out = torch.zeros(full_shape, dtype=torch.uint8, device=self.out_device)
+
+        with torch.inference_mode():
+            with timer("roi"):
+                roi_net = network.wait("roi")
+                box = roi_lib.locate(roi_net, image, affine, device=device, autocast=_autocast(device, self.precision), **self.roi_params)
+            self.boxes.append(box)
+            if box is None:
+                warnings.warn("the ROI extractor found no abdomen: the output is all background", stacklevel=2)
+                self.timings.append(timer.times)
+                return out[None, None]
+            with timer("crop"):
+                crop = image[box.slices]
+                crop_affine = affine.copy()
+                crop_affine[:3, 3] = affine[:3, :3] @ np.array([s.start for s in box.slices]) + affine[:3, 3]
+                ras = roi_lib.ras_affine(crop_affine, crop.shape)
+                crop_ras = roi_lib.reorient(crop, crop_affine, ras)
+                spacing = tuple(float(v) for v in voxel_spacing(ras))
+                crop_shape = tuple(int(s) for s in crop_ras.shape)
+
+            overlap = self.overlap_branches
+            if overlap == "auto":
+                overlap = device.type == "cuda"
+            pool = ThreadPoolExecutor(1) if overlap else None
+            try:
+                with timer("tumor_preprocess"):
+                    x_t, _ = self._prepare(self.tumor, crop_ras, spacing, device)
+                organ_future = pool.submit(self._prepare, self.organ, crop_ras, spacing, device) if pool else None
+                with timer("tumor_network"):
+                    tumor_net = network.wait("tumor")
+                    p_t = self._windows(self.tumor, tumor_net, x_t, device)
+                del x_t
+                with timer("tumor_resample"):
+                    lab_t = resample_labels(p_t, crop_shape, block=self.block, axis=2)
+                del p_t
+                with timer("organ_preprocess"):
+                    x_o, _ = organ_future.result() if organ_future else self._prepare(self.organ, crop_ras, spacing, device)
+            finally:
+                if pool:
+                    pool.shutdown(wait=True)
+            with timer("organ_network"):
+                organ_net = network.wait("organ")
+                p_o = self._windows(self.organ, organ_net, x_o, device)
+            del x_o
+            with timer("organ_resample"):
+                lab_o = resample_labels(p_o, crop_shape, block=self.block, axis=2)
+            del p_o
+            with timer("ensemble"):
+                labels = ensemble(lab_o, lab_t)
+            if self.postprocessing:
+                with timer("postprocess"):
+                    labels = postprocess(labels.cpu().numpy())
+                    labels = torch.from_numpy(np.ascontiguousarray(labels))
+            with timer("paste"):
+                labels = roi_lib.reorient(labels.to(self.out_device), ras, crop_affine)
+                out[box.slices] = labels.to(torch.uint8)
+        self.timings.append(timer.times)
+        return out[None, None]
+
+
+
+# --- wiring from the sub-bundles ----------------------------------------------------------------
+def branch_from_bundle(sub, name: str) -> Branch:
+    """A :class:`Branch` from a fine model's bundle (:class:`flare23.bundles.SubBundle`).
+
+    Reads the ids ``target_spacing``, ``patch_size``, ``overlap`` and ``fingerprint_file`` of the
+    bundle's ``inference.json`` (``name`` is ``"organ"`` or ``"tumor"``, the fingerprint's model).
+    """
+    from flare23.io import read_fingerprint
+
+    norm = read_fingerprint(sub.get("fingerprint_file", default="") or None, name)
+    return Branch(
+        name=name,
+        target_spacing=[float(v) for v in sub.get("target_spacing")],
+        patch_size=[int(v) for v in sub.get("patch_size")],
+        overlap=float(sub.get("overlap")),
+        **norm,
+    )
+
+
+def roi_params_from_bundle(sub) -> dict:
+    """Keyword arguments of :func:`flare23.roi.locate` from the ROI bundle's inference.json ids."""
+    params = {}
+    for key in ("margins_mm", "max_whole_slices", "tile", "pad_multiple", "inplane_stride", "slice_target_mm"):
+        if key in sub.parser:
+            params[key] = sub.get(key)
+    return params
+
+
+def datalist_from_input(input_path) -> list[dict]:
+    """Pipeline datalist: one ``{"image": path, "kind": "nifti"|"dicom", "name": case}`` per input case."""
+    from flare23.readers import list_cases
+
+    return [{"image": str(c.path), "kind": c.kind, "name": c.name} for c in list_cases(input_path)]
+
+
+class ReadCased(MapTransform):
+    """Read a case (NIfTI or DICOM series) as a MetaTensor ``(1, X, Y, Z)`` in the file's array order.
+
+    Faster than ``LoadImaged`` for this job (nibabel's ``dataobj`` without a float copy,
+    MEASUREMENTS.md) and it reads DICOM series with the project's validated reader. The meta data
+    carry ``affine``, ``filename_or_obj`` and ``case`` (the output name).
+    """
+
+    def __init__(self, keys="image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data):
+        from monai.data import MetaTensor
+
+        from flare23.readers import Case, read_case
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = Path(d[key])
+            case = Case(d.get("name") or path.name, path, d.get("kind") or ("dicom" if path.is_dir() else "nifti"))
+            array, affine, _meta = read_case(case)
+            if not np.issubdtype(array.dtype, np.integer):
+                array = np.nan_to_num(array.astype(np.float32, copy=False), nan=-1024.0, posinf=3071.0, neginf=-1024.0)
+            t = torch.from_numpy(np.ascontiguousarray(array))[None]
+            d[key] = MetaTensor(t, affine=torch.as_tensor(affine, dtype=torch.float64), meta={"filename_or_obj": str(path), "case": case.name})
+        return d
+
+
+class SaveLabeld(MapTransform):
+    """Write ``d[key]`` (a label map ``(1, X, Y, Z)``) as uint8 NIfTI ``output_dir/<case>.nii.gz``, atomically.
+
+    Shape and affine are those of ``d[meta_key]`` (the input image). An output path equal to the
+    input path is refused: results go next to, never over, the user's files.
+    """
+
+    def __init__(self, keys="pred", output_dir: str = "output", meta_key: str = "image", output_postfix: str = ""):
+        super().__init__(keys)
+        self.output_dir = Path(output_dir)
+        self.meta_key = meta_key
+        self.output_postfix = output_postfix
+        self.written: list[Path] = []
+
+    def __call__(self, data):
+        from flare23.io import ensure_output_dir, save_nifti
+
+        d = dict(data)
+        ref = d[self.meta_key]
+        affine = np.asarray(ref.affine.detach().cpu().numpy(), dtype=float)
+        source = Path(str(ref.meta.get("filename_or_obj", "")))
+        name = str(ref.meta.get("case") or source.name)
+        for key in self.key_iterator(d):
+            labels = d[key]
+            labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
+            labels = labels.detach().cpu().numpy()
+            while labels.ndim > 3:
+                labels = labels[0]
+            if labels.shape != tuple(ref.shape[-3:]):
+                raise Flare23Error(f"{source}: result shape {labels.shape} differs from the input's {tuple(ref.shape[-3:])}")
+            ensure_output_dir(self.output_dir)
+            out = self.output_dir / f"{name}{self.output_postfix}.nii.gz"
+            if source.exists() and out.resolve() == source.resolve():
+                raise Flare23Error(f"{out}: refusing to write the result over the input; choose another output folder")
+            save_nifti(labels.astype(np.uint8, copy=False), affine, out)
+            self.written.append(out)
+        return d
+
+
+class CascadeReport:
+    """Evaluator handler: per-case efficiency (wall time, peak memory, memory-time area) and stage times.
+
+    Writes ``output_dir/efficiency.csv`` (:class:`flare23.efficiency.EfficiencyLog`) and
+    ``output_dir/timings.csv`` (seconds per stage) after every case, and logs a median summary
+    at the end.
+    """
+
+    def __init__(self, inferer: CascadeInferer, output_dir: str, device=None, interval: float = 0.1):
+        self.inferer = inferer
+        self.output_dir = Path(output_dir)
+        self.device = device
+        self.interval = interval
+        self.rows: list[dict] = []
+        self._monitor = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop)
+        engine.add_event_handler(Events.COMPLETED, self._summary)
+
+    def _start(self, engine) -> None:
+        from flare23.efficiency import EfficiencyMonitor
+
+        self._monitor = EfficiencyMonitor(device=self.device, interval=self.interval).__enter__()
+
+    def _stop(self, engine) -> None:
+        from flare23.efficiency import EfficiencyLog
+
+        mon, self._monitor = self._monitor, None
+        mon.__exit__(None, None, None)
+        batch = engine.state.batch
+        image = batch["image"] if isinstance(batch, dict) else batch[0]
+        case = image.meta.get("case", ["case"])
+        case = case[0] if isinstance(case, (list, tuple)) else str(case)
+        EfficiencyLog(self.output_dir / "efficiency.csv").add(case, mon)
+        row = {"case": case, **{k: round(v, 4) for k, v in (self.inferer.timings[-1] if self.inferer.timings else {}).items()}}
+        row["total_s"] = round(mon.wall_s, 4)
+        self.rows.append(row)
+        self._write_timings()
+
+    def _write_timings(self) -> None:
+        from flare23.io import atomic_write_text
+
+        columns = ["case"] + sorted({k for r in self.rows for k in r if k not in ("case", "total_s")}) + ["total_s"]
+        lines = [",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in self.rows]
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.output_dir / "timings.csv", "\n".join(lines) + "\n")
+
+    def _summary(self, engine) -> None:
+        if not self.rows:
+            return
+        keys = [k for k in self.rows[0] if k != "case"]
+        med = {k: float(np.median([r.get(k, 0.0) for r in self.rows])) for k in keys}
+        text = ", ".join(f"{k} {v:.2f}s" for k, v in med.items())
+        logger.info("cascade: %d case(s), median per stage: %s", len(self.rows), text)
+        print(f"flare23 pipeline: {len(self.rows)} case(s); median seconds per stage: {text}")
