@@ -1,0 +1,209 @@
+"""``flare23 evaluate PRED_DIR REF_DIR --out OUT_DIR``: FLARE 2023 scores of a folder of predictions.
+
+Every reference NIfTI file in ``REF_DIR`` is a case (its name without ``.nii.gz`` / ``.nii``, and
+without a trailing ``_0000``). Its prediction is the file of ``PRED_DIR`` with the same case name.
+Each case is scored by :func:`flare23.metrics.evaluate_case` on the reference grid, with the voxel
+size from the reference header (``header.get_zooms()``, as the organisers' script does); a
+reference without a prediction is scored as an empty prediction and listed under ``missing``. A
+prediction whose shape differs from its reference is an error naming the case.
+
+Outputs (written atomically; inputs are only read):
+
+* ``OUT_DIR/per_case.csv``: column ``case``, then ``<name>_dsc`` and ``<name>_nsd`` for each label
+  (liver, right_kidney, ..., left_kidney, tumor);
+* ``OUT_DIR/summary.json``: ``organ_dsc``, ``organ_nsd``, ``tumor_dsc``, ``tumor_nsd``,
+  ``per_class`` (name -> mean ``dsc``, ``nsd`` and the number of cases ``n``), ``n_cases``,
+  ``missing`` (cases without a prediction), ``unmatched_predictions`` (predictions without a
+  reference, ignored), ``nsd_cutoff``.
+
+Cases run in parallel over ``workers`` processes, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from flare23.constants import FOREGROUND_IDS, LABEL_KEYS, NSD_DSC_CUTOFF
+from flare23.errors import Flare23Error
+from flare23.io import atomic_write_json, atomic_write_text, case_name, ensure_output_dir, list_nifti, load_nifti
+from flare23.metrics import aggregate, evaluate_case
+
+logger = logging.getLogger(__name__)
+
+PER_CASE_CSV = "per_case.csv"
+SUMMARY_JSON = "summary.json"
+
+
+def csv_columns(labels=FOREGROUND_IDS) -> list[str]:
+    """Columns of ``per_case.csv``: ``case``, then ``<name>_dsc``, ``<name>_nsd`` per label."""
+    columns = ["case"]
+    for c in labels:
+        columns += [f"{LABEL_KEYS[c]}_dsc", f"{LABEL_KEYS[c]}_nsd"]
+    return columns
+
+
+def _index_folder(folder: Path, what: str) -> dict[str, Path]:
+    cases: dict[str, Path] = {}
+    for path in list_nifti(folder):
+        name = case_name(path)
+        if name in cases:
+            raise Flare23Error(f"{folder}: two {what} files for case {name} ({cases[name].name}, {path.name})")
+        cases[name] = path
+    return cases
+
+
+def score_case(
+    case: str,
+    ref_path: str | os.PathLike,
+    pred_path: str | os.PathLike | None,
+    nsd_cutoff: float = NSD_DSC_CUTOFF,
+    labels=FOREGROUND_IDS,
+) -> dict:
+    """Score one case from files: ``{"case", "scores": {label: (dsc, nsd)}, "missing": bool}``."""
+    ref, ref_affine, header = load_nifti(ref_path)
+    spacing = tuple(float(z) for z in header.get_zooms()[:3])
+    if pred_path is None:
+        pred = np.zeros(ref.shape, dtype=np.uint8)
+    else:
+        pred, pred_affine, _ = load_nifti(pred_path)
+        if pred.shape != ref.shape:
+            raise Flare23Error(
+                f"case {case}: prediction shape {tuple(pred.shape)} ({pred_path}) differs from reference shape {tuple(ref.shape)}"
+            )
+        if not np.allclose(pred_affine, ref_affine, atol=1e-3):
+            logger.warning("case %s: prediction affine differs from the reference affine; scoring on the array grid", case)
+    try:
+        scores = evaluate_case(ref, pred, spacing, labels=labels, nsd_cutoff=nsd_cutoff)
+    except Flare23Error as exc:
+        raise Flare23Error(f"case {case} ({ref_path}): {exc}") from None
+    return {"case": case, "scores": scores, "missing": pred_path is None}
+
+
+def _per_case_csv(rows: list[dict], labels) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(csv_columns(labels))
+    for row in rows:
+        values = [row["case"]]
+        for c in labels:
+            dsc, nsd = row["scores"][c]
+            values += [repr(float(dsc)), repr(float(nsd))]
+        writer.writerow(values)
+    return buf.getvalue()
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    ref_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    nsd_cutoff: float = NSD_DSC_CUTOFF,
+    workers: int = 1,
+    progress: bool = True,
+    labels=FOREGROUND_IDS,
+) -> dict:
+    """Score every reference case in ``ref_dir`` against ``pred_dir``; write the CSV and JSON; return the summary."""
+    from tqdm.auto import tqdm
+
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    try:
+        nsd_cutoff = float(nsd_cutoff)
+    except (TypeError, ValueError):
+        raise Flare23Error(f"nsd_cutoff {nsd_cutoff!r} is not a number") from None
+    if not 0.0 <= nsd_cutoff <= 1.0:
+        raise Flare23Error(f"nsd_cutoff {nsd_cutoff} must lie in [0, 1]")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise Flare23Error(f"workers {workers!r} must be a positive integer")
+    labels = tuple(int(c) for c in labels)
+    refs = _index_folder(ref_dir, "reference")
+    if not refs:
+        raise Flare23Error(f"{ref_dir}: no NIfTI reference files")
+    preds = _index_folder(pred_dir, "prediction")
+    out_dir = ensure_output_dir(out_dir)
+    missing = sorted(c for c in refs if c not in preds)
+    unmatched = sorted(c for c in preds if c not in refs)
+    for case in missing:
+        logger.warning("case %s: no prediction in %s, scored as an empty prediction", case, pred_dir)
+    if unmatched:
+        logger.warning("%d predictions without a reference are ignored: %s", len(unmatched), ", ".join(unmatched[:5]))
+
+    jobs = [(case, str(refs[case]), str(preds[case]) if case in preds else None) for case in sorted(refs)]
+    rows: list[dict] = []
+    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
+    try:
+        if workers == 1 or len(jobs) == 1:
+            for case, ref_path, pred_path in jobs:
+                rows.append(score_case(case, ref_path, pred_path, nsd_cutoff, labels))
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+                futures = [
+                    pool.submit(score_case, case, ref_path, pred_path, nsd_cutoff, labels) for case, ref_path, pred_path in jobs
+                ]
+                try:
+                    for future in as_completed(futures):
+                        rows.append(future.result())
+                        bar.update(1)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+    finally:
+        bar.close()
+    rows.sort(key=lambda r: r["case"])
+
+    summary = aggregate([r["scores"] for r in rows])
+    summary.update(
+        {
+            "missing": missing,
+            "unmatched_predictions": unmatched,
+            "nsd_cutoff": nsd_cutoff,
+            "pred_dir": str(pred_dir),
+            "ref_dir": str(ref_dir),
+        }
+    )
+    atomic_write_text(out_dir / PER_CASE_CSV, _per_case_csv(rows, labels))
+    atomic_write_json(out_dir / SUMMARY_JSON, summary)
+    return summary
+
+
+def _fmt(value) -> str:
+    return "   -  " if value is None else f"{value:.4f}"
+
+
+def format_summary(summary: dict) -> str:
+    """A short text table of a summary: one line per class, then organs and tumor."""
+    lines = [f"{'class':<22} {'DSC':>6}  {'NSD':>6}"]
+    for name, v in summary["per_class"].items():
+        lines.append(f"{name:<22} {_fmt(v['dsc']):>6}  {_fmt(v['nsd']):>6}")
+    lines.append(f"{'organs (mean of 13)':<22} {_fmt(summary['organ_dsc']):>6}  {_fmt(summary['organ_nsd']):>6}")
+    lines.append(f"{'tumor':<22} {_fmt(summary['tumor_dsc']):>6}  {_fmt(summary['tumor_nsd']):>6}")
+    extra = f"{summary['n_cases']} cases"
+    if summary.get("missing"):
+        extra += f", {len(summary['missing'])} without prediction (scored empty): {', '.join(summary['missing'][:5])}"
+        if len(summary["missing"]) > 5:
+            extra += ", ..."
+    lines.append(extra)
+    return "\n".join(lines)
+
+
+def evaluate_cli(pred_dir: str, ref_dir: str, out: str, nsd_cutoff: float = NSD_DSC_CUTOFF, workers: int = 1) -> None:
+    """Score PRED_DIR against REF_DIR (FLARE 2023 DSC / NSD); write OUT/per_case.csv and OUT/summary.json.
+
+    Args:
+        pred_dir: folder of predicted label maps (NIfTI), named like the references.
+        ref_dir: folder of reference label maps (NIfTI); every file is a case.
+        out: output folder (created if needed).
+        nsd_cutoff: NSD is 0 where DSC is below this (challenge 0.1; organisers' current code 0.2).
+        workers: cases scored in parallel (processes).
+    """
+    summary = evaluate_folders(pred_dir, ref_dir, out, nsd_cutoff=nsd_cutoff, workers=workers, progress=True)
+    print(format_summary(summary))
+    print(f"wrote {Path(out) / PER_CASE_CSV} and {Path(out) / SUMMARY_JSON}")
