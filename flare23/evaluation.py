@@ -53,7 +53,7 @@ def csv_columns(labels=FOREGROUND_IDS) -> list[str]:
 def _index_folder(folder: Path, what: str) -> dict[str, Path]:
     cases: dict[str, Path] = {}
     for path in list_nifti(folder):
-        name = case_name(path)
+        name = case_name(path, image=False)
         if name in cases:
             raise Flare23Error(f"{folder}: two {what} files for case {name} ({cases[name].name}, {path.name})")
         cases[name] = path

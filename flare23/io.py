@@ -39,10 +39,14 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
-def case_name(path: str | os.PathLike) -> str:
-    """Case id of an image or label file: ``case_0001_0000.nii.gz`` -> ``case_0001``."""
+def case_name(path: str | os.PathLike, image: bool = True) -> str:
+    """Case id of a file: image ``case_0001_0000.nii.gz`` -> ``case_0001``; label ``case_0001.nii.gz`` -> ``case_0001``.
+
+    ``image=False`` for label and prediction files, whose names carry no channel suffix (a label
+    may well be called ``phantom_0000.nii.gz``).
+    """
     stem = strip_nifti_suffix(Path(path).name)
-    if stem.endswith(IMAGE_SUFFIX):
+    if image and stem.endswith(IMAGE_SUFFIX):
         stem = stem[: -len(IMAGE_SUFFIX)]
     return stem
 
