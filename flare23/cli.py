@@ -10,7 +10,7 @@ import sys
 
 
 def _commands() -> dict:
-    from flare23 import datatools, evaluation, phantoms
+    from flare23 import datatools, evaluation, phantoms, segment
 
     return {
         "phantoms": phantoms.phantoms_cli,
@@ -20,6 +20,7 @@ def _commands() -> dict:
         "fingerprint": datatools.fingerprint_cli,
         "datalist": datatools.datalist_cli,
         "evaluate": evaluation.evaluate_cli,
+        "segment": segment.segment_cli,
     }
 
 

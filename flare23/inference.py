@@ -21,8 +21,9 @@ Weights of the three networks load in a background thread (:meth:`CascadeNetwork
 while the first image is read and subsampled; each stage waits only for its own network.
 Per-stage wall times of every case are kept in :attr:`CascadeInferer.timings`.
 
-Precision: ``"auto"`` is fp16 autocast on CUDA and bf16 autocast on CPU (MEASUREMENTS.md: bf16
-halves the network time on this CPU); ``"fp32"`` turns autocast off.
+Precision: ``"auto"`` is fp16 autocast on CUDA, and on CPU bf16 autocast where the CPU has native
+bf16 kernels (MEASUREMENTS.md: bf16 halved the network time on such a CPU), else fp32 (emulated
+bf16 is several times slower); ``"fp32"`` turns autocast off, ``"bf16"`` forces it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from monai.transforms import MapTransform
 
 from flare23 import roi as roi_lib
+from flare23.config import as_bool
 from flare23.errors import Flare23Error
 from flare23.io import voxel_spacing
 from flare23.postprocess import ensemble, postprocess
@@ -81,7 +83,7 @@ class CascadeNetworks(torch.nn.Module):
         (a packed pipeline ``model.pt``, see :func:`pack_checkpoints`). ``enabled=False`` keeps
         random weights and warns (smoke tests, speed measurements).
         """
-        if not enabled:
+        if not as_bool(enabled, "load_pretrain"):
             warnings.warn("load_pretrain is false: the pipeline runs with RANDOM weights", stacklevel=2)
             return None
         for event in self._ready.values():
@@ -168,12 +170,26 @@ class StageTimer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX).
+
+    Without them bf16 autocast is emulated and much slower than fp32 (measured on the AVX2 dev
+    machine: a small DynUNet 9x slower), so ``precision="auto"`` then stays in fp32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _autocast(device: torch.device, precision: str):
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise Flare23Error(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    if device.type == "cpu" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    if device.type == "cpu" and (precision == "bf16" or (precision == "auto" and cpu_has_fast_bf16())):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -203,7 +219,7 @@ class CascadeInferer(Inferer):
         self.roi_params = dict(roi_params or {})
         self.block = int(block)
         self.precision = precision
-        self.postprocessing = bool(postprocessing)
+        self.postprocessing = as_bool(postprocessing, "postprocess")
         self.overlap_branches = overlap_branches
         self.out_device = torch.device(out_device)
         self.timings: list[dict] = []
@@ -417,6 +433,14 @@ class SaveLabeld(MapTransform):
         return d
 
 
+def _case_of(batch) -> str:
+    """The case name of a (collated or decollated) evaluator batch."""
+    item = batch[0] if isinstance(batch, (list, tuple)) else batch
+    image = item.get("image") if isinstance(item, dict) else item
+    case = getattr(image, "meta", {}).get("case", "case")
+    return str(case[0] if isinstance(case, (list, tuple)) else case)
+
+
 class CascadeReport:
     """Evaluator handler: per-case efficiency (wall time, peak memory, memory-time area) and stage times.
 
@@ -450,10 +474,7 @@ class CascadeReport:
 
         mon, self._monitor = self._monitor, None
         mon.__exit__(None, None, None)
-        batch = engine.state.batch
-        image = batch["image"] if isinstance(batch, dict) else batch[0]
-        case = image.meta.get("case", ["case"])
-        case = case[0] if isinstance(case, (list, tuple)) else str(case)
+        case = _case_of(engine.state.batch)
         EfficiencyLog(self.output_dir / "efficiency.csv").add(case, mon)
         row = {"case": case, **{k: round(v, 4) for k, v in (self.inferer.timings[-1] if self.inferer.timings else {}).items()}}
         row["total_s"] = round(mon.wall_s, 4)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from flare23.config import as_bool
 from flare23.errors import Flare23Error
 
 _EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
@@ -91,7 +92,7 @@ class ResumeFromLast:
     def __init__(self, ckpt_dir: str | Path, load_dict: dict, enabled: bool = True, map_location="cpu"):
         self.ckpt_dir = Path(ckpt_dir)
         self.load_dict = load_dict
-        self.enabled = bool(enabled)
+        self.enabled = as_bool(enabled, "resume")
         self.map_location = map_location
         self.logger = logging.getLogger(__name__)
         self.loaded_from: Path | None = None

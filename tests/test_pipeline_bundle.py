@@ -1,0 +1,89 @@
+"""The pipeline bundle end to end (random tiny networks): `monai.bundle run` and `flare23 segment`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "bundles" / "pipeline" / "configs" / "inference.json"
+TINY = {
+    "roi_overrides": "{'network_def#filters': [4, 8, 8, 8, 8]}",
+    "organ_overrides": "{'network_def#filters': [4, 8, 8, 8, 8, 8], 'target_spacing': [6.0, 6.0, 6.0], 'patch_size': [64, 64, 32]}",
+    "tumor_overrides": "{'network_def#filters': [4, 8, 8, 8, 8, 8], 'target_spacing': [8.0, 8.0, 8.0], 'patch_size': [64, 64, 32]}",
+}
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _tiny_args():
+    args = ["--load_pretrain", "false", "--precision", "fp32"]
+    for k, v in TINY.items():
+        args += [f"--{k}", v]
+    return args
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from flare23.phantoms import make_phantom
+
+    d = tmp_path_factory.mktemp("pipeline_in")
+    for seed, orientation in ((1, "RAS"), (2, "LPS")):
+        case = make_phantom(seed, size="tiny", orientation=orientation)
+        nib.save(nib.Nifti1Image(case["image"], case["affine"]), str(d / f"case {seed} é_0000.nii.gz"))
+    return d
+
+
+def test_bundle_run_writes_one_label_map_per_case_with_the_input_geometry(inputs, tmp_path):
+    before = {p.name: _sha(p) for p in inputs.iterdir()}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(CONFIG),
+           "--bundle_root", str(ROOT / "bundles" / "pipeline"), "--dataset_dir", str(inputs), "--output_dir", str(out), *_tiny_args()]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for src in sorted(inputs.iterdir()):
+        name = src.name.replace("_0000.nii.gz", ".nii.gz")
+        res, ref = nib.load(str(out / name)), nib.load(str(src))
+        assert res.shape == ref.shape and np.allclose(res.affine, ref.affine, atol=1e-6)
+        assert res.get_data_dtype() == np.uint8
+        assert int(np.asarray(res.dataobj).max()) <= 14
+    rows = (out / "timings.csv").read_text().splitlines()
+    assert rows[0].startswith("case,") and len(rows) == 3 and "organ_network" in rows[0]
+    eff = (out / "efficiency.csv").read_text().splitlines()
+    assert eff[0].split(",")[:3] == ["case", "wall_s", "peak_rss_mb"] and len(eff) == 3
+    assert {p.name: _sha(p) for p in inputs.iterdir()} == before  # inputs untouched
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_segment_cli_single_file_to_file_and_bad_input(inputs, tmp_path):
+    src = sorted(inputs.iterdir())[0]
+    dst = tmp_path / "result.nii.gz"
+    cmd = [sys.executable, "-m", "flare23", "segment", "-i", str(src), "-o", str(dst), "--device", "cpu", *_tiny_args()]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res, ref = nib.load(str(dst)), nib.load(str(src))
+    assert res.shape == ref.shape and np.allclose(res.affine, ref.affine)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".flare23-")) == []
+
+    bad = tmp_path / "broken_0000.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file")
+    r = subprocess.run([sys.executable, "-m", "flare23", "segment", "-i", str(bad), "-o", str(tmp_path / "x.nii.gz"), *_tiny_args()],
+                       capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("flare23: error:")]
+    assert len(lines) == 1 and "broken_0000.nii.gz" in lines[0]
+    assert not (tmp_path / "x.nii.gz").exists()
