@@ -21,6 +21,7 @@ def _commands() -> dict:
         "datalist": datatools.datalist_cli,
         "evaluate": evaluation.evaluate_cli,
         "segment": segment.segment_cli,
+        "pack": segment.pack_cli,
     }
 
 

@@ -207,3 +207,54 @@ def evaluate_cli(pred_dir: str, ref_dir: str, out: str, nsd_cutoff: float = NSD_
     summary = evaluate_folders(pred_dir, ref_dir, out, nsd_cutoff=nsd_cutoff, workers=workers, progress=True)
     print(format_summary(summary))
     print(f"wrote {Path(out) / PER_CASE_CSV} and {Path(out) / SUMMARY_JSON}")
+
+
+def evaluate_datalist(
+    pred_dir: str | os.PathLike,
+    datalist: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "validation",
+    nsd_cutoff: float = NSD_DSC_CUTOFF,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Score the ``split`` cases of a MONAI datalist (their ``label`` files) against ``pred_dir``.
+
+    Predictions are named after the images' case names (``<case>_0000.nii.gz`` -> ``<case>.nii.gz``),
+    as the pipeline writes them. The references are linked into a temporary folder so that only
+    the split's cases are scored.
+    """
+    import shutil
+    import tempfile
+
+    items = datalist_split(datalist, split)
+    work = Path(tempfile.mkdtemp(prefix="flare23-refs-"))
+    try:
+        for item in items:
+            if "label" not in item:
+                raise Flare23Error(f"{datalist}: {split} entry {item['image']} has no label")
+            os.symlink(Path(item["label"]).resolve(), work / f"{case_name(item['image'])}.nii.gz")
+        summary = evaluate_folders(pred_dir, work, out_dir, nsd_cutoff=nsd_cutoff, workers=workers, progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary["ref_dir"] = f"{datalist}#{split}"
+    atomic_write_json(Path(out_dir) / "summary.json", summary)
+    return summary
+
+
+def datalist_split(datalist: str | os.PathLike, split: str = "validation") -> list[dict]:
+    """The ``split`` list of a MONAI datalist JSON with absolute ``image`` / ``label`` paths."""
+    import json
+
+    path = Path(datalist)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise Flare23Error(f"{path}: cannot read the datalist ({exc})") from None
+    if split not in data or not data[split]:
+        raise Flare23Error(f"{path}: no {split!r} cases")
+    items = []
+    for entry in data[split]:
+        item = {k: str((path.parent / v).resolve()) if k in ("image", "label") else v for k, v in entry.items()}
+        items.append(item)
+    return items

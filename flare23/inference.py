@@ -366,6 +366,14 @@ def datalist_from_input(input_path) -> list[dict]:
     return [{"image": str(c.path), "kind": c.kind, "name": c.name} for c in list_cases(input_path)]
 
 
+def datalist_from_split(datalist, split: str = "validation") -> list[dict]:
+    """Pipeline datalist from the ``split`` of a MONAI datalist JSON (labels are not read)."""
+    from flare23.evaluation import datalist_split
+    from flare23.io import case_name
+
+    return [{"image": d["image"], "kind": "nifti", "name": case_name(d["image"])} for d in datalist_split(datalist, split)]
+
+
 class ReadCased(MapTransform):
     """Read a case (NIfTI or DICOM series) as a MetaTensor ``(1, X, Y, Z)`` in the file's array order.
 

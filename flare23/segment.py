@@ -115,3 +115,29 @@ def segment_cli(i: str | None = None, o: str | None = None, device: str | None =
     written = segment(i, o, device=device, bundles_dir=bundles_dir, **overrides)
     for path in written:
         print(f"wrote {path}")
+
+
+def pack_cli(out: str | None = None, bundles_dir: str | None = None, **overrides) -> None:
+    """Pack the three sub-bundles' ``models/model.pt`` into the pipeline's combined ``models/model.pt``.
+
+    ``flare23 pack [--out PATH] [--roi_ckpt P --organ_ckpt P --tumor_ckpt P] [--organ_overrides "{...}"]``:
+    the networks are built from the pipeline config (with the same overrides as for inference),
+    each checkpoint is loaded strictly (``weights_only=True``), and one state dict with keys
+    ``roi.*``, ``organ.*``, ``tumor.*`` is written atomically, so that MONAI Label loads the pipeline
+    bundle as a single model.
+    """
+    from monai.bundle import ConfigParser
+
+    from flare23.inference import pack_checkpoints
+
+    config = pipeline_config(bundles_dir)
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["bundle_root"] = str(config.parents[1])
+    for key, value in overrides.items():
+        parser[key] = value
+    networks = parser.get_parsed_content("network_def")
+    target = Path(out) if out else Path(parser.get_parsed_content("combined_ckpt"))
+    paths = [parser.get_parsed_content(f"{p}_ckpt") for p in ("roi", "organ", "tumor")]
+    pack_checkpoints(*paths, target, networks)
+    print(f"wrote {target} ({sum(v.numel() for v in networks.state_dict().values()) / 1e6:.2f} M values)")
