@@ -1,0 +1,275 @@
+"""Pipeline benchmark: our cascade against the unoptimised MONAI way of doing the same job.
+
+One command (CPU now; the same script on a GPU with ``--device cuda``)::
+
+    python bench/bench_pipeline.py [--slices 300] [--repeats 3] [--filters 8,16,32,64,64,64] [--device cpu]
+
+On one full-size phantom (512 x 512 x SLICES, ``flare23.phantoms.make_phantom(size="full")``), in
+one run, interleaved, each run in its own process (clean peak-memory figures):
+
+* **ours**: the pipeline bundle (``flare23.segment.run_pipeline``): ROI -> crop -> both branches
+  resampled on the device -> blocked back-resampling with arg-max -> ensemble -> cc3d -> write.
+* **monai**: the unoptimised MONAI way with the *same* organ and tumor networks and weights:
+  ``LoadImaged`` -> ``Orientationd`` -> ``Spacingd`` on the CPU on the whole volume (no ROI crop)
+  -> CT normalisation -> ``SlidingWindowInferer`` -> ``Invertd`` of the 15-channel probabilities
+  -> arg-max on the CPU -> ensemble -> MONAI ``KeepLargestConnectedComponent`` -> ``SaveImage``.
+
+Both use random weights from the same seed (speed does not depend on the values), except that
+ours uses the ROI extractor's trained ``models/model.pt`` when it exists so that the box is a real
+one (``--roi oracle`` instead takes the box of the phantom's labels with the method's margins).
+Network widths come from ``--filters`` for both systems (the paper's widths make a CPU run take
+tens of minutes; the ratio of everything *outside* the networks does not depend on them).
+
+Reported: median seconds end to end, per stage, the time outside the network forward passes
+(ours: total - roi - tumor_network - organ_network), peak resident memory (``ru_maxrss``), ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = ROOT / "bundles"
+
+
+def _hardware() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.python_version()}"
+
+
+def _overrides(filters):
+    return {
+        "roi_overrides": {},
+        "organ_overrides": {"network_def#filters": filters},
+        "tumor_overrides": {"network_def#filters": filters},
+    }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _random_ckpts(work: Path, filters) -> dict:
+    """Organ / tumor state dicts from a fixed seed, shared by both systems."""
+    import torch
+
+    from flare23.bundles import SubBundle
+
+    paths = {}
+    for part, folder in (("organ", "organ_seg"), ("tumor", "tumor_seg")):
+        torch.manual_seed(0)
+        net = SubBundle(BUNDLES / folder, "inference.json", {"network_def#filters": filters}).network()
+        paths[part] = work / f"{part}.pt"
+        torch.save(net.state_dict(), str(paths[part]))
+    return paths
+
+
+# --- workers (one process each) -----------------------------------------------------------------
+def worker_ours(args) -> dict:
+    import csv
+
+    import torch
+
+    import flare23.roi as roi_lib
+    from flare23.segment import run_pipeline
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    overrides = _overrides(args.filters)
+    roi_ckpt = BUNDLES / "roi_extractor" / "models" / "model.pt"
+    if args.roi == "oracle" or not roi_ckpt.is_file():
+        box = json.loads((work / "oracle_box.json").read_text())
+        roi_lib.locate = lambda *a, **k: roi_lib.RoiBox(tuple(box["start"]), tuple(box["stop"]), tuple(box["shape"]))  # noqa: E731
+        roi_ckpt = work / "roi.pt"
+    out = work / "out_ours"
+    t0 = time.perf_counter()
+    run_pipeline(work / "in", out, device=args.device, roi_ckpt=str(roi_ckpt), organ_ckpt=str(work / "organ.pt"),
+                 tumor_ckpt=str(work / "tumor.pt"), precision=args.precision, **overrides)  # fmt: skip
+    total = time.perf_counter() - t0
+    with open(out / "timings.csv") as f:
+        row = next(csv.DictReader(f))
+    stages = {k: float(v) for k, v in row.items() if k not in ("case",)}
+    stages["end_to_end_s"] = total
+    return {"stages": stages, "peak_rss_mb": _peak_rss_mb()}
+
+
+def worker_monai(args) -> dict:
+    import numpy as np
+    import torch
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        KeepLargestConnectedComponent,
+        LoadImaged,
+        Orientationd,
+        SaveImage,
+        Spacingd,
+    )
+
+    from flare23.bundles import SubBundle
+    from flare23.constants import KEEP_LARGEST_IDS, TUMOR_ID
+    from flare23.inference import branch_from_bundle
+    from flare23.transforms import CTNormalized
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    device = torch.device(args.device)
+    image_path = str(next((work / "in").iterdir()))
+    times: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        return r
+
+    t_start = time.perf_counter()
+    labels = {}
+    for part, folder in (("tumor", "tumor_seg"), ("organ", "organ_seg")):
+        sub = SubBundle(BUNDLES / folder, "inference.json", {"network_def#filters": args.filters})
+        branch = branch_from_bundle(sub, part)
+        net = sub.network()
+        net.load_state_dict(torch.load(str(work / f"{part}.pt"), weights_only=True))
+        net = net.to(device).eval()
+        pre = Compose([
+            LoadImaged(keys="image", image_only=False),
+            EnsureChannelFirstd(keys="image"),
+            Orientationd(keys="image", axcodes="RAS"),
+            Spacingd(keys="image", pixdim=branch.target_spacing, mode="bilinear", dtype=np.float32),
+            CTNormalized(keys="image", clip_low=branch.clip_low, clip_high=branch.clip_high, mean=branch.mean, std=branch.std),
+        ])  # fmt: skip
+        data = timed(f"{part}_preprocess", lambda pre=pre: pre({"image": image_path}))
+        sw = SlidingWindowInferer(roi_size=branch.patch_size, sw_batch_size=1, overlap=branch.overlap, mode="gaussian")
+        with torch.inference_mode():
+            x = data["image"][None].to(device)
+            data["pred"] = timed(f"{part}_network", lambda x=x, net=net, sw=sw: sw(x, net)[0].cpu())
+        post = Compose([
+            Activationsd(keys="pred", softmax=True),
+            Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted(keys="pred", argmax=True),
+        ])  # fmt: skip
+        data = timed(f"{part}_invert_argmax", lambda data=data, post=post: post(data))
+        labels[part] = data["pred"]
+        meta_image = data["image"]
+    organ, tumor = labels["organ"], labels["tumor"]
+    t0 = time.perf_counter()
+    final = torch.where((tumor == TUMOR_ID) | (organ == TUMOR_ID), tumor, organ)
+    final = KeepLargestConnectedComponent(applied_labels=list(KEEP_LARGEST_IDS), independent=True, connectivity=3)(final)
+    times["ensemble_postprocess"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    SaveImage(output_dir=str(work / "out_monai"), output_postfix="seg", output_dtype=np.uint8, separate_folder=False,
+              print_log=False)(final, meta_data=meta_image.meta)  # fmt: skip
+    times["write"] = time.perf_counter() - t0
+    times["end_to_end_s"] = time.perf_counter() - t_start
+    return {"stages": times, "peak_rss_mb": _peak_rss_mb()}
+
+
+# --- driver -------------------------------------------------------------------------------------
+def prepare(work: Path, slices: int, seed: int, filters) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from flare23.phantoms import make_phantom
+    from flare23.roi import roi_box
+
+    case = make_phantom(seed, size="full", slices=slices, orientation="RAS")
+    (work / "in").mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(case["image"], case["affine"]), str(work / "in" / "bench_0000.nii.gz"))
+    organs = (case["label"] > 0) & (case["label"] < 14)
+    box = roi_box(organs, (1, 1, 1), organs.shape, case["affine"])
+    (work / "oracle_box.json").write_text(json.dumps({"start": box.start, "stop": box.stop, "shape": list(organs.shape)}))
+    np.save(work / "label.npy", case["label"])
+    import torch
+
+    from flare23.bundles import SubBundle
+
+    torch.save(SubBundle(BUNDLES / "roi_extractor", "inference.json").network().state_dict(), str(work / "roi.pt"))
+    _random_ckpts(work, filters)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--slices", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--filters", default="8,16,32,64,64,64")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--roi", choices=("model", "oracle"), default="model")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--systems", default="ours,monai")
+    p.add_argument("--work", default=None)
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.filters = [int(v) for v in str(args.filters).split(",")]
+    if args._worker:
+        result = (worker_ours if args._worker == "ours" else worker_monai)(args)
+        print("RESULT " + json.dumps(result))
+        return
+    work = Path(args.work or tempfile.mkdtemp(prefix="flare23-bench-"))
+    print(f"preparing a 512 x 512 x {args.slices} phantom in {work} ...", flush=True)
+    prepare(work, args.slices, args.seed, args.filters)
+    systems = args.systems.split(",")
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    for r in range(args.repeats):
+        for system in systems:  # interleaved
+            cmd = [sys.executable, __file__, "--_worker", system, "--work", str(work), "--filters", ",".join(map(str, args.filters)),
+                   "--device", args.device, "--precision", args.precision, "--threads", str(args.threads), "--roi", args.roi]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.exit(f"{system} run {r + 1} failed:\n{proc.stderr[-4000:]}")
+            res = json.loads(line[0][7:])
+            results[system].append(res)
+            print(f"run {r + 1} {system}: {res['stages']['end_to_end_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    summary = {}
+    for system, runs in results.items():
+        keys = runs[0]["stages"].keys()
+        med = {k: statistics.median(r["stages"][k] for r in runs) for k in keys}
+        med["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
+        summary[system] = med
+    print(f"\nhardware: {_hardware()}\nphantom 512 x 512 x {args.slices}, filters {args.filters}, device {args.device}, "
+          f"precision {args.precision}, ROI {args.roi}, median of {args.repeats} runs")  # fmt: skip
+    for system, med in summary.items():
+        print(f"\n{system}:")
+        for k, v in med.items():
+            print(f"  {k:<22} {v:10.2f}")
+    if "ours" in summary:
+        o = summary["ours"]
+        net = o.get("roi", 0) + o.get("tumor_network", 0) + o.get("organ_network", 0)
+        outside = o["end_to_end_s"] - net
+        print(f"\nours: time outside the network forward passes {outside:.2f} s = {100 * outside / o['end_to_end_s']:.1f} % of the total")
+    if "ours" in summary and "monai" in summary:
+        print(f"end-to-end ratio monai / ours: {summary['monai']['end_to_end_s'] / summary['ours']['end_to_end_s']:.2f}x; "
+              f"peak RSS ours {summary['ours']['peak_rss_mb']:.0f} MB vs monai {summary['monai']['peak_rss_mb']:.0f} MB")  # fmt: skip
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {work / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
