@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -224,6 +225,7 @@ class CascadeInferer(Inferer):
         self.out_device = torch.device(out_device)
         self.timings: list[dict] = []
         self.boxes: list = []
+        self.failures: list[str] = []
 
     # one branch: preprocessing ----------------------------------------------------------------
     @staticmethod
@@ -260,8 +262,36 @@ class CascadeInferer(Inferer):
 
     # the whole cascade --------------------------------------------------------------------------
     def __call__(self, inputs: torch.Tensor, network: CascadeNetworks, *args, **kwargs) -> torch.Tensor:
+        """Segment one case; a case that fails is recorded in :attr:`failures` and gives an empty tensor.
+
+        One bad scan must not stop a folder run: the error (one line, naming the file) is logged,
+        the batch goes on, and :class:`CascadeReport` makes the run fail at the end.
+        """
         if inputs.shape[0] != 1:
             raise ValueError("CascadeInferer expects one case per batch")
+        meta = getattr(inputs, "meta", {}) or {}
+        source = _first(meta.get("filename_or_obj", "input"))
+        error = _first(meta.get("error", ""))
+        if error:
+            self._fail(source, error)
+            return torch.zeros((1, 1, 0, 0, 0), dtype=torch.uint8)
+        try:
+            return self._cascade(inputs, network)
+        except Flare23Error as exc:
+            self._fail(source, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one failing case must not stop the batch
+            logger.exception("case %s failed", source)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self._fail(source, f"{type(exc).__name__}: {first}")
+        return torch.zeros((1, 1, 0, 0, 0), dtype=torch.uint8)
+
+    def _fail(self, source: str, message: str) -> None:
+        message = message if str(source) in message else f"{source}: {message}"
+        self.failures.append(message)
+        logger.error(message)
+        print(f"flare23: error: {message}", file=sys.stderr, flush=True)
+
+    def _cascade(self, inputs: torch.Tensor, network: CascadeNetworks) -> torch.Tensor:
         affine = np.asarray(getattr(inputs, "affine", torch.eye(4)).detach().cpu().numpy(), dtype=float)
         if affine.ndim == 3:
             affine = affine[0]
@@ -394,7 +424,12 @@ class ReadCased(MapTransform):
         for key in self.key_iterator(d):
             path = Path(d[key])
             case = Case(d.get("name") or path.name, path, d.get("kind") or ("dicom" if path.is_dir() else "nifti"))
-            array, affine, _meta = read_case(case)
+            try:
+                array, affine, _meta = read_case(case)
+            except Flare23Error as exc:  # reported by the inferer; the batch goes on
+                meta = {"filename_or_obj": str(path), "case": case.name, "error": str(exc)}
+                d[key] = MetaTensor(torch.zeros((1, 1, 1, 1), dtype=torch.int16), affine=torch.eye(4, dtype=torch.float64), meta=meta)
+                continue
             if not np.issubdtype(array.dtype, np.integer):
                 array = np.nan_to_num(array.astype(np.float32, copy=False), nan=-1024.0, posinf=3071.0, neginf=-1024.0)
             t = torch.from_numpy(np.ascontiguousarray(array))[None]
@@ -421,6 +456,8 @@ class SaveLabeld(MapTransform):
 
         d = dict(data)
         ref = d[self.meta_key]
+        if ref.meta.get("error"):
+            return d  # a failed case: nothing is written
         affine = np.asarray(ref.affine.detach().cpu().numpy(), dtype=float)
         source = Path(str(ref.meta.get("filename_or_obj", "")))
         name = str(ref.meta.get("case") or source.name)
@@ -428,6 +465,8 @@ class SaveLabeld(MapTransform):
             labels = d[key]
             labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
             labels = labels.detach().cpu().numpy()
+            if labels.size == 0:
+                continue  # the inferer failed on this case and reported it
             while labels.ndim > 3:
                 labels = labels[0]
             if labels.shape != tuple(ref.shape[-3:]):
@@ -439,6 +478,11 @@ class SaveLabeld(MapTransform):
             save_nifti(labels.astype(np.uint8, copy=False), affine, out)
             self.written.append(out)
         return d
+
+
+def _first(value):
+    """The first element of a collated meta value (lists of one), or the value itself."""
+    return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
 def _case_of(batch) -> str:
@@ -464,6 +508,7 @@ class CascadeReport:
         self.interval = interval
         self.rows: list[dict] = []
         self._monitor = None
+        self._n_timings = 0
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -476,12 +521,15 @@ class CascadeReport:
         from flare23.efficiency import EfficiencyMonitor
 
         self._monitor = EfficiencyMonitor(device=self.device, interval=self.interval).__enter__()
+        self._n_timings = len(self.inferer.timings)
 
     def _stop(self, engine) -> None:
         from flare23.efficiency import EfficiencyLog
 
         mon, self._monitor = self._monitor, None
         mon.__exit__(None, None, None)
+        if len(self.inferer.timings) == self._n_timings:
+            return  # the case failed: the inferer has reported it
         case = _case_of(engine.state.batch)
         EfficiencyLog(self.output_dir / "efficiency.csv").add(case, mon)
         row = {"case": case, **{k: round(v, 4) for k, v in (self.inferer.timings[-1] if self.inferer.timings else {}).items()}}
@@ -498,6 +546,13 @@ class CascadeReport:
         atomic_write_text(self.output_dir / "timings.csv", "\n".join(lines) + "\n")
 
     def _summary(self, engine) -> None:
+        self._print_medians()
+        failures = self.inferer.failures
+        if failures:
+            n = len(self.rows) + len(failures)
+            raise Flare23Error(f"{len(failures)} of {n} case(s) failed (listed above); the others were written to {self.output_dir}")
+
+    def _print_medians(self) -> None:
         if not self.rows:
             return
         keys = [k for k in self.rows[0] if k != "case"]

@@ -85,5 +85,23 @@ def test_segment_cli_single_file_to_file_and_bad_input(inputs, tmp_path):
                        capture_output=True, text=True, env=_env(), timeout=300)  # fmt: skip
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("flare23: error:")]
-    assert len(lines) == 1 and "broken_0000.nii.gz" in lines[0]
+    assert any("broken_0000.nii.gz" in ln and "not a readable NIfTI" in ln for ln in lines), r.stderr[-2000:]
+    assert "1 of 1 case(s) failed" in lines[-1]
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_folder_run_continues_after_a_bad_case_and_fails_at_the_end(inputs, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted(inputs.iterdir())[0]
+    (folder / good.name).write_bytes(good.read_bytes())
+    (folder / "a_truncated_0000.nii.gz").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    before = {p.name: _sha(p) for p in folder.iterdir()}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "flare23", "segment", "-i", str(folder), "-o", str(out), *_tiny_args()],
+                       capture_output=True, text=True, env=_env(), timeout=900)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("flare23: error:")]
+    assert any("a_truncated_0000.nii.gz" in ln for ln in lines) and "1 of 2 case(s) failed" in lines[-1]
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".nii.gz")) == [good.name.replace("_0000", "")]
+    assert {p.name: _sha(p) for p in folder.iterdir()} == before
