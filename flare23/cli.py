@@ -10,7 +10,7 @@ import sys
 
 
 def _commands() -> dict:
-    from flare23 import datatools, evaluation, phantoms, segment
+    from flare23 import datatools, evaluation, phantoms, quickstart, segment
 
     return {
         "phantoms": phantoms.phantoms_cli,
@@ -22,6 +22,7 @@ def _commands() -> dict:
         "evaluate": evaluation.evaluate_cli,
         "segment": segment.segment_cli,
         "pack": segment.pack_cli,
+        "quickstart": quickstart.quickstart_cli,
     }
 
 

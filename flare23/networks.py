@@ -1,0 +1,146 @@
+"""The light 3D U-Net of the ROI extractor (METHOD.md section 3) and batch-norm folding.
+
+:class:`LightUNet` follows the paper's description: an initial conv-BN-ReLU layer, then 5 encoder
+stages with ``encoder_depths`` = (2, 2, 4, 6, 4) conv-BN-ReLU blocks (3 x 3 x 3), the first of each
+with stride ``strides`` = (1, 2, 2, 2, 2); 4 decoder blocks, each a transposed convolution
+(kernel = stride) followed by two conv-BN-ReLU blocks on the concatenation with the skip; a
+1 x 1 x 1 convolution gives the logits; "he" normal initialisation. MONAI's ``DynUNet`` cannot
+express per-stage encoder depths (each of its stages is exactly one two-convolution block), hence
+this small module built from MONAI's ``Convolution`` blocks.
+
+The paper does not give the widths. The default ``ROI_FILTERS`` = (16, 32, 64, 128, 256) give
+11.18 M parameters and about 95 G multiply-accumulates on an 80 x 128 x 128 patch (paper:
+10.66 M parameters, 103.36 G FLOPs); ``tests/test_roi.py`` recomputes the parameter count.
+
+:func:`fold_batchnorm` returns an inference copy in which every convolution followed by batch
+norm is one convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from flare23.constants import ROI_ENCODER_DEPTHS, ROI_NUM_CLASSES, ROI_STRIDES
+from flare23.errors import Flare23Error
+
+#: Default stage widths of :class:`LightUNet` (11.18 M parameters with the paper's depths).
+ROI_FILTERS: tuple[int, ...] = (16, 32, 64, 128, 256)
+
+
+def _conv_bn_relu(cin: int, cout: int, stride=1) -> Convolution:
+    # bias is redundant before batch norm (the norm's shift replaces it)
+    return Convolution(3, cin, cout, strides=stride, kernel_size=3, act="RELU", norm="BATCH", bias=False)
+
+
+class LightUNet(nn.Module):
+    """Light 5-stage 3D U-Net with batch norm (the ROI extractor's network).
+
+    Args:
+        in_channels: input channels (1: the normalised CT).
+        out_channels: output channels (2: background, abdomen).
+        filters: width of each stage; ``len(filters)`` stages.
+        encoder_depths: conv-BN-ReLU blocks per encoder stage.
+        strides: stride of the first block of each stage (an int or a per-axis triple); the input's
+            spatial size must be divisible by their product (``RoiInferer`` pads to 16).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = ROI_NUM_CLASSES,
+        filters: Sequence[int] = ROI_FILTERS,
+        encoder_depths: Sequence[int] = ROI_ENCODER_DEPTHS,
+        strides: Sequence[int | Sequence[int]] = ROI_STRIDES,
+    ) -> None:
+        super().__init__()
+        filters, encoder_depths, strides = list(filters), list(encoder_depths), list(strides)
+        if not (len(filters) == len(encoder_depths) == len(strides)) or len(filters) < 2:
+            raise Flare23Error(
+                f"LightUNet: filters {filters}, encoder_depths {encoder_depths} and strides {strides} "
+                "must have the same length (at least 2)"
+            )
+        if min(filters) < 1 or min(encoder_depths) < 1:
+            raise Flare23Error(f"LightUNet: filters {filters} and encoder_depths {encoder_depths} must be positive")
+        self.filters, self.encoder_depths, self.strides = tuple(filters), tuple(encoder_depths), tuple(strides)
+        self.stem = _conv_bn_relu(in_channels, filters[0])
+        self.encoder = nn.ModuleList()
+        cin = filters[0]
+        for width, depth, stride in zip(filters, encoder_depths, strides):
+            blocks = [_conv_bn_relu(cin, width, stride)] + [_conv_bn_relu(width, width) for _ in range(depth - 1)]
+            self.encoder.append(nn.Sequential(*blocks))
+            cin = width
+        self.upsamples = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for i in reversed(range(len(filters) - 1)):
+            stride = strides[i + 1]
+            self.upsamples.append(
+                Convolution(
+                    3,
+                    filters[i + 1],
+                    filters[i],
+                    strides=stride,
+                    kernel_size=stride,
+                    padding=0,
+                    output_padding=0,
+                    conv_only=True,
+                    is_transposed=True,
+                )
+            )
+            self.decoder.append(nn.Sequential(_conv_bn_relu(2 * filters[i], filters[i]), _conv_bn_relu(filters[i], filters[i])))
+        self.head = Convolution(3, filters[0], out_channels, kernel_size=1, conv_only=True)
+        for m in self.modules():  # "he" normal initialisation (paper, table 2; nnU-Net's InitWeights_He)
+            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(m.weight, a=1e-2)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        for up, dec in zip(self.upsamples, self.decoder):
+            x = dec(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` where every convolution directly followed by batch norm is one convolution.
+
+    Handles MONAI ``Convolution`` blocks (conv + ``adn.N``) and plain ``nn.Sequential`` pairs
+    (``Conv3d`` then ``BatchNorm3d``). The input module is not changed.
+    """
+    folded = copy.deepcopy(module).eval()
+    for sub in folded.modules():
+        if (
+            isinstance(sub, Convolution)
+            and hasattr(sub, "adn")
+            and isinstance(getattr(sub.adn, "N", None), nn.modules.batchnorm._BatchNorm)
+        ):
+            if isinstance(sub.conv, nn.modules.conv._ConvNd) and not sub.is_transposed:
+                sub.conv = fuse_conv_bn_eval(sub.conv, sub.adn.N)
+                sub.adn.N = nn.Identity()
+        elif isinstance(sub, nn.Sequential):
+            names = list(sub._modules)
+            for a, b in zip(names, names[1:]):
+                conv, bn = sub._modules[a], sub._modules[b]
+                if (
+                    isinstance(conv, nn.modules.conv._ConvNd)
+                    and not getattr(conv, "transposed", False)
+                    and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                ):
+                    sub._modules[a] = fuse_conv_bn_eval(conv, bn)
+                    sub._modules[b] = nn.Identity()
+    return folded

@@ -1,0 +1,153 @@
+"""Class-centred patch selection: empirical shares of patch centres versus the configured ratios."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import RandCropByLabelClassesd
+
+from flare23.constants import NUM_CLASSES, ORGAN_IDS, TUMOR_ID
+from flare23.errors import Flare23Error
+from flare23.sampling import RandCropByLabelClassesFallbackd, effective_ratios, organ_ratios, tumor_ratios
+
+torch.set_num_threads(1)
+PATCH = (4, 4, 4)
+DRAWS = 2000
+
+
+def hand_built_label(present: list[int], shape=(30, 30, 12)) -> np.ndarray:
+    """Background volume with one small block per class in ``present``, all far from the borders.
+
+    Blocks have different sizes (so that voxel counts do not equal the configured ratios) and lie
+    at least 2 voxels inside, so a 4^3 patch centred on any of their voxels needs no shifting.
+    """
+    lab = np.zeros(shape, dtype=np.int16)
+    for n, c in enumerate(present):
+        x0, y0 = 3 + 6 * (n % 4), 3 + 6 * ((n // 4) % 4)
+        size = 1 + (c % 4)
+        lab[x0 : x0 + size, y0 : y0 + size, 4 : 4 + 1 + (c % 3)] = c
+    return lab
+
+
+def draw_centres(transform, lab: np.ndarray, draws: int = DRAWS) -> np.ndarray:
+    """Labels at the crop centres of ``draws`` patches chosen by ``transform`` for the case ``lab``."""
+    label = MetaTensor(torch.as_tensor(lab[None]))
+    per_call = transform.cropper.num_samples
+    centre_labels = []
+    for _ in range(draws // per_call):
+        transform.randomize(label)
+        centre_labels += [int(lab[tuple(int(v) for v in c)]) for c in transform.cropper.centers]
+    return np.asarray(centre_labels)
+
+
+def test_patches_are_centred_on_the_drawn_voxel():
+    lab = hand_built_label(list(range(1, 15)))
+    t = make(organ_ratios(), seed=1, num_samples=50)
+    patches = t(
+        {"image": MetaTensor(torch.as_tensor(lab[None], dtype=torch.float32)), "label": MetaTensor(torch.as_tensor(lab[None]))}
+    )
+    assert len(patches) == 50
+    half = [s // 2 for s in PATCH]
+    for patch in patches:
+        cx, cy, cz = patch["label"].meta["crop_center"]
+        assert tuple(patch["label"].shape[1:]) == PATCH
+        assert int(patch["label"][0, half[0], half[1], half[2]]) == int(lab[cx, cy, cz]) > 0
+        assert torch.equal(patch["image"][0].long(), patch["label"][0].long())  # image and label cropped alike
+
+
+def shares(values: np.ndarray) -> np.ndarray:
+    return np.bincount(values, minlength=NUM_CLASSES) / len(values)
+
+
+def make(ratios, fallback=None, seed=0, num_samples=100):
+    t = RandCropByLabelClassesFallbackd(
+        keys=["image", "label"], label_key="label", spatial_size=PATCH, ratios=ratios, num_classes=NUM_CLASSES,
+        num_samples=num_samples, fallback_ratios=fallback,
+    )  # fmt: skip
+    t.set_random_state(seed)
+    return t
+
+
+@pytest.mark.parametrize(
+    "name, ratios, present",
+    [
+        ("organ-centred, every class present", organ_ratios(), list(range(1, 15))),
+        ("organ-centred, small organs absent", organ_ratios(), [1, 2, 3, 4, 5, 6, 11, 12, 13, 14]),
+        ("tumor-centred 50/50 with organs", tumor_ratios(tumor=13.0, organ=1.0), list(range(1, 15))),
+        ("uneven ratios, some absent", [0.5, 3, 0, 1, 2, 0, 1, 0, 4, 1, 0, 0, 2, 1, 5], [1, 2, 3, 4, 5, 8, 9, 12, 14]),
+    ],
+)
+def test_centre_shares_match_configured_ratios(name, ratios, present):
+    lab = hand_built_label(present)
+    got = shares(draw_centres(make(ratios, seed=len(name)), lab))
+    # expected: configured ratios restricted to the classes present, renormalised
+    expected = np.array([r if (lab == c).any() else 0.0 for c, r in enumerate(ratios)])
+    expected /= expected.sum()
+    assert np.abs(got - expected).max() < 0.03, (name, got.round(3), expected.round(3))
+    assert np.all(got[expected == 0] == 0)
+
+
+def test_tumor_only_ratios_on_case_without_tumor_fall_back_to_organs():
+    present = [1, 2, 3, 5, 11, 13]
+    lab = hand_built_label(present)
+    only_tumor = tumor_ratios(tumor=1.0, organ=0.0)
+    # plain MONAI cannot draw: every positive-ratio class is absent
+    plain = RandCropByLabelClassesd(
+        keys=["label"], label_key="label", spatial_size=PATCH, ratios=only_tumor, num_classes=NUM_CLASSES, warn=False
+    )
+    with pytest.raises(ValueError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's 0/0 in MONAI's ratio normalisation
+        plain({"label": MetaTensor(torch.as_tensor(lab[None]))})
+    got = shares(draw_centres(make(only_tumor, fallback=organ_ratios(), seed=3), lab))
+    expected = np.zeros(NUM_CLASSES)
+    expected[present] = 1.0 / len(present)
+    assert np.abs(got - expected).max() < 0.03, got.round(3)
+
+
+def test_with_tumor_present_fallback_is_unused():
+    lab = hand_built_label(list(range(1, 15)))
+    got = shares(draw_centres(make(tumor_ratios(), fallback=organ_ratios(), seed=4), lab, draws=300))
+    assert got[TUMOR_ID] == 1.0
+
+
+def test_empty_label_gives_uniform_random_voxel():
+    lab = np.zeros((30, 30, 12), dtype=np.int16)
+    t = make(organ_ratios(), fallback=None, seed=5, num_samples=DRAWS)
+    t.randomize(MetaTensor(torch.as_tensor(lab[None])))
+    assert t.last_ratios[0] > 0 and sum(t.last_ratios[1:]) == 0
+    # centres are uniform over the valid centre range of each axis (crop centres are clamped to keep the patch inside)
+    centres = np.asarray(t.cropper.centers, dtype=float)
+    for axis, size in enumerate(lab.shape):
+        lo, hi = PATCH[axis] // 2, size - PATCH[axis] // 2
+        assert centres[:, axis].min() >= lo and centres[:, axis].max() <= hi
+        inner = centres[(centres[:, axis] > lo) & (centres[:, axis] < hi), axis]
+        counts = np.bincount(inner.astype(int), minlength=hi)[lo + 1 : hi]
+        assert counts.std() / counts.mean() < 0.3  # flat histogram inside the clamped edges
+
+
+def test_effective_ratios():
+    sizes = [100, 5, 0, 7] + [0] * 11
+    assert effective_ratios(organ_ratios(), sizes) == [0.0, 1.0, 0.0, 1.0] + [0.0] * 11
+    assert effective_ratios(tumor_ratios(), sizes, organ_ratios()) == [0.0, 1.0, 0.0, 1.0] + [0.0] * 11
+    assert effective_ratios(tumor_ratios(), sizes) == [float(s) for s in sizes]
+    with pytest.raises(Flare23Error, match="empty"):
+        effective_ratios(tumor_ratios(), [0] * 15)
+
+
+def test_ratio_presets():
+    r = organ_ratios()
+    assert [i for i, x in enumerate(r) if x > 0] == list(ORGAN_IDS)
+    t = tumor_ratios(tumor=13.0, organ=1.0)
+    assert t[TUMOR_ID] == 13.0 and t[0] == 0.0 and sum(t) == 26.0
+
+
+@pytest.mark.parametrize(
+    "ratios, match", [([1.0] * 3, "expected 15 ratios"), ([-1.0] + [1.0] * 14, ">= 0"), ([0.0] * 15, "positive")]
+)
+def test_bad_ratios(ratios, match):
+    with pytest.raises(Flare23Error, match=match):
+        make(ratios)
