@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -338,3 +339,14 @@ def test_median_stage_times(tmp_path):
     med = median_stage_times(tmp_path / "timings.csv")
     assert list(med) == ["roi", "organ_network", "total_s"]  # running order, not the CSV's alphabetical order
     assert med == {k: pytest.approx(statistics.median(values[k].tolist())) for k in ("organ_network", "roi", "total_s")}
+
+
+@pytest.mark.parametrize("cpus, load", [(2, 5.0), (2, 0.1), (8, 3.2), (4, 9.0)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, cpus, load):
+    from flare23.quickstart import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    idle = max(1, math.floor(cpus - load + 0.5))  # cores left idle, rounded half up
+    assert default_threads(cpus) == min(cpus, idle)
+    assert default_threads(1) == 1

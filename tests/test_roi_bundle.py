@@ -175,6 +175,17 @@ def test_training_resumes_from_the_last_checkpoint(trained, tmp_path, caplog):
     assert state["lr_scheduler"]["last_epoch"] == 2
 
 
+def test_training_can_start_from_pretrained_weights(trained, tmp_path):
+    wf = workflow(["train.json"], "train", dataset_dir=str(trained["data"]), ckpt_dir=str(tmp_path), output_dir=str(tmp_path),
+                  pretrained_ckpt=str(trained["ckpt"] / "model.pt"), resume="false", num_workers=0)  # fmt: skip
+    wf.parser["network_def"]["filters"] = FILTERS
+    wf.initialize()
+    got = wf.parser.get_parsed_content("network").state_dict()
+    wf.finalize()
+    expected = torch.load(trained["ckpt"] / "model.pt", weights_only=True)
+    assert set(got) == set(expected) and all(torch.equal(got[k].cpu(), expected[k]) for k in expected)
+
+
 # --- inference and evaluation ---------------------------------------------------------------------
 def test_inference_writes_masks_and_boxes_in_the_input_geometry(trained, tmp_path):
     out = tmp_path / "eval"
