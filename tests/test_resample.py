@@ -154,3 +154,57 @@ def test_cuda_matches_cpu_and_bounds_memory():
     assert (gpu != cpu).float().mean() < 1e-4  # different kernels: only numerical ties may differ
     # extra device memory: a few float32 copies of one block, far below the full float32 volume
     assert peak < 0.25 * 15 * 600 * 96 * 96 * 4
+
+
+# --- the uniform-cell shortcut ------------------------------------------------------------------
+def test_cell_labels_equal_a_brute_force_over_the_corners():
+    from flare23.resample import cell_labels
+
+    probs = _probs((4, 6, 5, 7), seed=3)
+    low = probs.argmax(0).numpy()
+    got = cell_labels(probs).numpy()
+    n = low.shape
+    for a in range(n[0]):
+        for b in range(n[1]):
+            for c in range(n[2]):
+                corners = {int(low[i, j, k]) for i in {a, min(a + 1, n[0] - 1)} for j in {b, min(b + 1, n[1] - 1)}
+                           for k in {c, min(c + 1, n[2] - 1)}}  # fmt: skip
+                assert got[a, b, c] == (corners.pop() if len(corners) == 1 else -1)
+
+
+def test_a_class_that_wins_at_no_corner_can_win_between_them():
+    # Corners alternate between classes 0 and 1 with class 2 close behind everywhere: the mixture of
+    # the corners is won by class 2, which the low-resolution arg-max never shows (a mixed cell).
+    probs = torch.zeros(3, 2, 2, 2)
+    probs[:, 0] = torch.tensor([0.5, 0.1, 0.4]).view(3, 1, 1)
+    probs[:, 1] = torch.tensor([0.1, 0.5, 0.4]).view(3, 1, 1)
+    labels = resample_labels(probs, (3, 2, 2), block=1)  # the middle slice lies half-way
+    assert set(labels.unique().tolist()) == {0, 1, 2}
+    _assert_equal_up_to_ties(labels, probs, (3, 2, 2))
+
+
+def test_exact_ties_go_to_the_lower_class_in_uniform_and_mixed_cells():
+    probs = torch.full((4, 3, 3, 3), 0.25)  # every class tied everywhere: uniform cells of class 0
+    assert int(resample_labels(probs, (7, 5, 6)).max()) == 0
+    probs[1, 0] = 0.25 + 1e-3  # class 1 wins in the first slice only: mixed cells next to it
+    labels = resample_labels(probs, (7, 5, 6), axis=0, block=2)
+    ref, _ = _torch_reference(probs, (7, 5, 6))
+    assert torch.equal(labels.long(), ref)
+
+
+def test_organ_like_probabilities_match_torch_and_most_cells_are_uniform():
+    from flare23.resample import cell_labels
+
+    # Blobs of 15 classes at a model grid, softened like a network's output, upsampled about 1.2 x 1.2 x 3.
+    g = torch.Generator().manual_seed(5)
+    seeds = torch.randint(0, 15, (6, 5, 4), generator=g)
+    low = F.interpolate(seeds[None, None].float(), size=(36, 30, 16), mode="nearest")[0, 0].long()
+    onehot = F.one_hot(low, 15).permute(3, 0, 1, 2).float()
+    probs = torch.softmax(
+        F.avg_pool3d(onehot[None], 3, stride=1, padding=1)[0] * 8 + 0.2 * torch.randn(onehot.shape, generator=g), 0
+    )
+    assert float((cell_labels(probs) < 0).float().mean()) < 0.5
+    out_shape = (43, 36, 48)
+    labels = resample_labels(probs, out_shape, block=7)
+    _assert_equal_up_to_ties(labels, probs, out_shape)
+    assert torch.equal(labels, resample_labels(probs, out_shape, block=1000))
