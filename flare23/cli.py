@@ -1,12 +1,16 @@
 """The ``flare23`` command line (``flare23 COMMAND --help`` for each command).
 
 Commands are plain functions of the package modules, exposed with ``fire``. User errors
-(:class:`~flare23.errors.Flare23Error`) are printed as one line and exit with status 2.
+(:class:`~flare23.errors.Flare23Error`) are printed as one line and exit with status 2; user warnings
+(an empty ROI, NaN voxels, an image that does not look like CT, ...) as one line
+``flare23: warning: <message>``.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 
 def _commands() -> dict:
@@ -26,8 +30,57 @@ def _commands() -> dict:
     }
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning) -> None:
+    """User warnings as one line ``flare23: warning: <message>``; other categories as Python prints them."""
+    if category is not UserWarning:
+        _default(message, category, filename, lineno, file, line)
+        return
+    stream = file if file is not None else sys.stderr
+    try:
+        print(f"flare23: warning: {' '.join(str(message).split())}", file=stream, flush=True)
+    except OSError:  # stderr closed: warnings are not worth a crash
+        pass
+
+
+class _OneLineHandler(logging.StreamHandler):
+    """Log records of WARNING and above as ``flare23: warning|error: <message>`` on one line, without tracebacks.
+
+    ERROR records of ``ignite.*`` (the engine's "run is terminating due to exception: ...") and of
+    ``flare23.inference`` (a failing case, which the inferer prints itself as ``flare23: error:``)
+    are dropped: in the command line those reach the user once, as the per-case lines and the
+    final error that :func:`main` prints.
+    """
+
+    SILENT_ERRORS = ("ignite", "flare23.inference")
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+        self.setLevel(logging.WARNING)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and any(
+            record.name == n or record.name.startswith(n + ".") for n in self.SILENT_ERRORS
+        ):
+            return False
+        return super().filter(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        return f"flare23: {level}: {' '.join(record.getMessage().split())}"
+
+
+def _setup_output() -> None:
+    """One-line warnings and log records on stderr (only where nothing configured logging before)."""
+    warnings.showwarning = _show_warning
+    root = logging.getLogger()
+    if not any(isinstance(h, _OneLineHandler) for h in root.handlers) and not root.handlers:
+        root.addHandler(_OneLineHandler())
+
+
 def main(argv: list[str] | None = None) -> None:
     import fire
+
+    _setup_output()
 
     from flare23.errors import Flare23Error
 

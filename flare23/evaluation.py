@@ -60,6 +60,25 @@ def _index_folder(folder: Path, what: str) -> dict[str, Path]:
     return cases
 
 
+def load_label_map(path: str | os.PathLike, what: str = "label map"):
+    """Read a label map: ``(array, affine, header)``; NaN, fractional or negative values are an error naming ``path``.
+
+    Values above 14 are kept (they are not scored, as in the organisers' script).
+    """
+    data, affine, header = load_nifti(path)
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.all(np.isfinite(data)):
+            raise Flare23Error(f"{path}: {what} has NaN or infinite values")
+        if not np.array_equal(data, np.rint(data)):
+            raise Flare23Error(f"{path}: {what} has non-integer values")
+        data = np.rint(data).astype(np.int32)
+    elif data.dtype != np.bool_ and not np.issubdtype(data.dtype, np.integer):
+        raise Flare23Error(f"{path}: {what} has unsupported type {data.dtype}")
+    if data.size and np.issubdtype(data.dtype, np.signedinteger) and int(data.min()) < 0:
+        raise Flare23Error(f"{path}: {what} has negative values (minimum {int(data.min())})")
+    return data, affine, header
+
+
 def score_case(
     case: str,
     ref_path: str | os.PathLike,
@@ -68,12 +87,12 @@ def score_case(
     labels=FOREGROUND_IDS,
 ) -> dict:
     """Score one case from files: ``{"case", "scores": {label: (dsc, nsd)}, "missing": bool}``."""
-    ref, ref_affine, header = load_nifti(ref_path)
+    ref, ref_affine, header = load_label_map(ref_path, "reference")
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
     if pred_path is None:
         pred = np.zeros(ref.shape, dtype=np.uint8)
     else:
-        pred, pred_affine, _ = load_nifti(pred_path)
+        pred, pred_affine, _ = load_label_map(pred_path, "prediction")
         if pred.shape != ref.shape:
             raise Flare23Error(
                 f"case {case}: prediction shape {tuple(pred.shape)} ({pred_path}) differs from reference shape {tuple(ref.shape)}"
@@ -136,7 +155,7 @@ def evaluate_folders(
 
     jobs = [(case, str(refs[case]), str(preds[case]) if case in preds else None) for case in sorted(refs)]
     rows: list[dict] = []
-    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="evaluate", unit="case", disable=None if progress else True)  # None: only on a terminal
     try:
         if workers == 1 or len(jobs) == 1:
             for case, ref_path, pred_path in jobs:

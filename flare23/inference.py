@@ -280,7 +280,7 @@ class CascadeInferer(Inferer):
         except Flare23Error as exc:
             self._fail(source, str(exc))
         except Exception as exc:  # noqa: BLE001 - one failing case must not stop the batch
-            logger.exception("case %s failed", source)
+            logger.debug("case %s failed", source, exc_info=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             self._fail(source, f"{type(exc).__name__}: {first}")
         return torch.zeros((1, 1, 0, 0, 0), dtype=torch.uint8)
@@ -308,7 +308,12 @@ class CascadeInferer(Inferer):
                 box = roi_lib.locate(roi_net, image, affine, device=device, autocast=_autocast(device, self.precision), **self.roi_params)
             self.boxes.append(box)
             if box is None:
-                warnings.warn("the ROI extractor found no abdomen: the output is all background", stacklevel=2)
+                # wait for the networks still loading in the background: a bad checkpoint is then reported, and no
+                # loader thread is left running at exit (which aborts the interpreter: "terminate called ...")
+                network.wait("tumor")
+                network.wait("organ")
+                source = _first((getattr(inputs, "meta", {}) or {}).get("filename_or_obj", "input"))
+                warnings.warn(f"{source}: the ROI extractor found no abdomen: the output is all background", stacklevel=2)
                 self.timings.append(timer.times)
                 return out[None, None]
             with timer("crop"):

@@ -2,7 +2,8 @@
 
 * :func:`load_nifti` reads a whole volume (so a truncated file fails here, not later) and checks
   that it is 3D with a finite, invertible affine; every problem is a one-line
-  :class:`~flare23.errors.Flare23Error` that names the file.
+  :class:`~flare23.errors.Flare23Error` that names the file. A ``.nii.gz`` that is not
+  gzip-compressed (or a gzip-compressed ``.nii``) is read by its content, with a warning.
 * :func:`save_nifti`, :func:`atomic_write_text` and :func:`atomic_write_json` write to a temporary
   file in the destination folder and rename it into place, so a reader never sees a partial file
   and an interrupted run leaves nothing behind. Inputs are only ever opened for reading.
@@ -72,6 +73,49 @@ def check_affine(affine: np.ndarray, where: str) -> None:
         raise Flare23Error(f"{where}: the affine is zero or not invertible (voxel size {voxel_spacing(a).round(4).tolist()})")
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _nifti_header_size(head: bytes) -> int | None:
+    """``sizeof_hdr`` of an uncompressed NIfTI-1 (348) or NIfTI-2 (540) header, in either byte order, else None."""
+    if len(head) < 4:
+        return None
+    for order in "<>":
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
+        if size in (348, 540):
+            return size
+    return None
+
+
+def _load_misnamed(path: Path):
+    """Read a ``.nii.gz`` that is not gzip-compressed, or a ``.nii`` that is, with a warning; else None.
+
+    nibabel picks the decompressor from the file name, so such files fail with "not a gzip file"
+    although their content is a valid NIfTI image (some converters write them, and ITK, which
+    sniffs the content, reads them). The content decides here; the data are read into memory.
+    """
+    import warnings
+
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    gz_name = path.name.lower().endswith(".gz")
+    if gz_name and head[:2] != _GZIP_MAGIC and _nifti_header_size(head):
+        raw, what = path.read_bytes(), "not gzip-compressed despite its .gz name"
+    elif not gz_name and head[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(path.read_bytes())
+        except (EOFError, OSError, zlib.error) as exc:
+            raise Flare23Error(f"{path}: truncated or corrupt gzip data ({type(exc).__name__}: {exc})") from None
+        what = "gzip-compressed despite its name without .gz"
+    else:
+        return None
+    size = _nifti_header_size(raw[:4])
+    if size is None:
+        return None
+    warnings.warn(f"{path}: {what}; read by its content", UserWarning, stacklevel=3)
+    return (nib.Nifti1Image if size == 348 else nib.Nifti2Image).from_bytes(raw)
+
+
 def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
     """Open a NIfTI file lazily, turning every reader failure into a one-line error."""
     path = Path(path)
@@ -80,7 +124,9 @@ def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
     if path.is_dir():
         raise Flare23Error(f"{path}: is a folder, expected a NIfTI file")
     try:
-        img = nib.load(str(path))
+        img = _load_misnamed(path) or nib.load(str(path))
+    except Flare23Error:
+        raise
     except Exception as exc:  # nibabel raises many types for foreign or broken files
         raise Flare23Error(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

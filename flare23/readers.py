@@ -5,7 +5,9 @@
   of DICOM series folders (NIfTI files and series folders may sit side by side).
 * :func:`read_case` returns ``(array, affine, meta)``: Hounsfield units as ``int16`` (or
   ``float32`` when they do not fit), and a 4 x 4 affine in nibabel's RAS+ world convention, such
-  that ``nib.Nifti1Image(array, affine)`` is the correct image.
+  that ``nib.Nifti1Image(array, affine)`` is the correct image. NaN and infinite voxels are
+  replaced (:func:`replace_nonfinite`) and an image that does not look like CT is segmented with a
+  warning (:func:`check_ct_range`); each warning names the file.
 
 DICOM series are read with pydicom (JPEG 2000 and other compressed pixel data through pylibjpeg).
 The array axes follow the convention of dcm2niix and dicom2nifti: axis 0 runs along the image
@@ -22,6 +24,7 @@ inconsistent orientation or size, multi-frame or colour images, unreadable files
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,11 @@ SPACING_ATOL_MM = 0.01
 SPACING_RTOL = 0.01
 #: Tolerance on direction cosines (orientation equality, tilt) and pixel spacing (relative).
 DIRECTION_TOL = 1e-3
+#: Values given to NaN / -inf and to +inf voxels (air; the top of the usual 12-bit CT range).
+NONFINITE_FILL = -1024.0
+POSINF_FILL = 3071.0
+#: A CT with no voxel below this (no air anywhere) does not look like CT in Hounsfield units.
+CT_AIR_BELOW_HU = -500.0
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _INT16 = np.iinfo(np.int16)
@@ -141,7 +149,54 @@ def read_case(case: Case) -> tuple[np.ndarray, np.ndarray, dict]:
     else:
         raise Flare23Error(f"{case.path}: unknown case kind {case.kind!r}")
     meta.update(kind=case.kind, path=str(case.path), name=case.name, spacing=tuple(float(s) for s in voxel_spacing(affine)))
+    array = replace_nonfinite(array, case.path)
+    check_ct_range(array, case.path, meta.get("modality"))
     return array, affine, meta
+
+
+def replace_nonfinite(array: np.ndarray, where) -> np.ndarray:
+    """NaN and -inf voxels -> air (:data:`NONFINITE_FILL`), +inf -> :data:`POSINF_FILL`, with a warning naming ``where``.
+
+    NaN voxels in a CT almost always mark voxels outside the reconstructed field of view, written
+    by resampling tools (SimpleITK, ANTs, ...) as their default fill; air is what the scanner puts
+    there. Refusing the scan would stop a batch for a cosmetic defect, and passing NaN on would
+    turn every patch that touches one into NaN probabilities. The input array is not modified.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    bad = ~np.isfinite(array)
+    n = int(np.count_nonzero(bad))
+    if n == 0:
+        return array
+    warnings.warn(
+        f"{where}: {n} voxels are NaN or infinite; NaN and -inf set to {NONFINITE_FILL:g} HU, +inf to {POSINF_FILL:g} HU",
+        UserWarning,
+        stacklevel=3,
+    )
+    return np.nan_to_num(array, nan=NONFINITE_FILL, posinf=POSINF_FILL, neginf=NONFINITE_FILL)
+
+
+def check_ct_range(array: np.ndarray, where, modality: str | None = None) -> bool:
+    """Warn (naming ``where``) when the image does not look like CT in Hounsfield units; returns True when it does.
+
+    Every abdominal CT holds air (outside the body, in the lungs or the bowel) at about -1000 HU;
+    an image without any voxel below :data:`CT_AIR_BELOW_HU` is most likely MR, a rescaled CT or
+    a tight crop. It is still segmented (its origin cannot be known for sure), but the models
+    were trained on CT and the result may be meaningless. A DICOM ``Modality`` other than CT
+    also warns.
+    """
+    if modality and str(modality).upper() not in ("CT", ""):
+        warnings.warn(f"{where}: DICOM Modality is {modality}, not CT; the models were trained on CT", UserWarning, stacklevel=3)
+        return False
+    if array.size and float(array.min()) >= CT_AIR_BELOW_HU:
+        warnings.warn(
+            f"{where}: does not look like CT in Hounsfield units (values {float(array.min()):g} to {float(array.max()):g}, "
+            f"no air below {CT_AIR_BELOW_HU:g}); segmented anyway, the result may be meaningless",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _floats(ds, keyword: str, count: int, file: Path) -> np.ndarray:

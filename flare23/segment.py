@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from flare23.errors import Flare23Error
-from flare23.io import is_nifti
+from flare23.io import ensure_output_dir, is_nifti
 
 #: The bundles shipped with the project (an editable install keeps them beside the package).
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
@@ -87,8 +87,9 @@ def segment(input: str, output: str, device: str | None = None, bundles_dir: str
     single_file = len(cases) == 1 and is_nifti(dst.name)
     if not single_file and is_nifti(dst.name):
         raise Flare23Error(f"{dst}: {len(cases)} cases in {src}, so the output must be a folder, not a NIfTI file name")
+    # The output location is checked before any work: a run of many cases must not fail at the end.
+    ensure_output_dir(dst.parent if single_file else dst)
     if single_file:
-        dst.parent.mkdir(parents=True, exist_ok=True)
         if dst.exists() and dst.resolve() == cases[0].path.resolve():
             raise Flare23Error(f"{dst}: refusing to write the result over the input")
         work = Path(tempfile.mkdtemp(prefix=".flare23-", dir=dst.parent))
@@ -108,7 +109,9 @@ def segment(input: str, output: str, device: str | None = None, bundles_dir: str
     return [dst / f"{c.name}.nii.gz" for c in cases if (dst / f"{c.name}.nii.gz").is_file()]
 
 
-def segment_cli(i: str | None = None, o: str | None = None, device: str | None = None, bundles_dir: str | None = None, **overrides):
+def segment_cli(
+    i: str | None = None, o: str | None = None, device: str | None = None, bundles_dir: str | None = None, **overrides
+):
     """Segment CT scans: ``flare23 segment -i INPUT -o OUTPUT [--device cpu|cuda] [--id value ...]``."""
     if not i or not o:
         raise Flare23Error("segment needs -i INPUT and -o OUTPUT")
