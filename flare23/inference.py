@@ -9,11 +9,14 @@ Per case, :class:`CascadeInferer` does, on one device:
    ``Orientationd(axcodes="RAS")`` data).
 3. Tumor branch, then organ branch: resample the crop on the device to the model's spacing
    (:func:`flare23.resample.resample_image`), CT-normalise with the fingerprint, Gaussian sliding
-   window with a softmax per patch (no test-time mirroring), probabilities accumulated in half
-   precision on CUDA. On CUDA the organ branch's preprocessing runs in a thread while the tumor
-   branch's windows run.
-4. Back to the crop grid on the device in blocks of slices: trilinear interpolation + arg-max
-   (:func:`flare23.resample.resample_labels`), seam-free, bounded memory.
+   window with a softmax per patch (no test-time mirroring; MONAI's windows and weights, run slab by
+   slab along the slice axis by :func:`flare23.sliding.sliding_window_slabs`), probabilities
+   accumulated in half precision on CUDA. On CUDA the organ branch's preprocessing runs in a thread
+   while the tumor branch's windows run.
+4. Each finished slab of probabilities goes back to the crop grid on the device at once:
+   trilinear interpolation + arg-max (:class:`flare23.resample.StreamingLabels`), identical to the
+   whole-volume computation. Only about two windows' depth of probabilities ever exists, so
+   memory is bounded by the plane size, not by the scan's length.
 5. Ensemble (eq. 5) and post-processing (:mod:`flare23.postprocess`), back to the input's array
    orientation, pasted into a full-size background volume.
 
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import Inferer, SlidingWindowInferer
+from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
 from flare23 import roi as roi_lib
@@ -49,7 +52,8 @@ from flare23.config import as_bool
 from flare23.errors import Flare23Error
 from flare23.io import voxel_spacing
 from flare23.postprocess import ensemble, postprocess
-from flare23.resample import DEFAULT_BLOCK, resample_image, resample_labels
+from flare23.resample import DEFAULT_BLOCK, StreamingLabels, resample_image
+from flare23.sliding import sliding_window_slabs
 from flare23.training import load_weights
 
 logger = logging.getLogger(__name__)
@@ -91,7 +95,9 @@ class CascadeNetworks(torch.nn.Module):
             event.clear()
         self._errors.clear()
         paths = {"roi": roi_ckpt, "organ": organ_ckpt, "tumor": tumor_ckpt}
-        use_combined = not all(p and Path(p).is_file() for p in paths.values()) and combined_ckpt and Path(combined_ckpt).is_file()
+        use_combined = (
+            not all(p and Path(p).is_file() for p in paths.values()) and combined_ckpt and Path(combined_ckpt).is_file()
+        )
 
         def work():
             if use_combined:
@@ -238,27 +244,43 @@ class CascadeInferer(Inferer):
         x = x.clamp_(branch.clip_low, branch.clip_high).sub_(branch.mean).div_(max(branch.std, 1e-8))
         return x[None, None], shape
 
-    def _windows(self, branch: Branch, net: torch.nn.Module, x: torch.Tensor, device) -> torch.Tensor:
+    def _labels(
+        self, branch: Branch, net: torch.nn.Module, x: torch.Tensor, out_shape, device, timer: StageTimer
+    ) -> torch.Tensor:
+        """Gaussian sliding window on the model grid, streamed slab by slab into labels on the crop grid.
+
+        The windows are MONAI's (:func:`flare23.sliding.sliding_window_slabs`); each finished slab of
+        probabilities is turned into labels at once (:class:`flare23.resample.StreamingLabels`), so
+        only about two windows' depth of probabilities exists at any time, whatever the scan's
+        length. Stage times: ``<name>_network`` (forward passes and softmax), ``<name>_aggregate``
+        (Gaussian weighting and sums), ``<name>_resample`` (back to the crop grid with arg-max).
+        """
         half = device.type == "cuda" and self.precision != "fp32"
-        sw = SlidingWindowInferer(
-            roi_size=list(branch.patch_size),
-            sw_batch_size=branch.sw_batch_size,
-            overlap=branch.overlap,
-            mode="gaussian",
-            sigma_scale=0.125,
-            padding_mode="constant",
-            cval=float(x.min()),
-            progress=False,
-        )
+        name = branch.name
 
         def predictor(patch):
-            with _autocast(device, self.precision):
-                logits = net(patch)
-            probs = torch.softmax(logits.float(), dim=1)
-            return probs.half() if half else probs
+            with timer(f"{name}_network"):
+                with _autocast(device, self.precision):
+                    logits = net(patch)
+                probs = torch.softmax(logits.float(), dim=1)
+                return probs.half() if half else probs
 
+        sink = StreamingLabels(x.shape[2:], out_shape, axis=2, block=self.block)
+        slabs = sliding_window_slabs(x, predictor, branch.patch_size, branch.overlap, axis=2, sw_batch_size=branch.sw_batch_size,
+                                     cval=float(x.min()), acc_dtype=torch.float16 if half else torch.float32)  # fmt: skip
+        network_before = timer.times.get(f"{name}_network", 0.0)
         with torch.inference_mode():
-            return sw(x, predictor)[0]
+            t0 = time.perf_counter()
+            for _, _, slab in slabs:
+                windows = time.perf_counter() - t0
+                timer.times[f"{name}_aggregate"] = timer.times.get(f"{name}_aggregate", 0.0) + windows
+                with timer(f"{name}_resample"):
+                    sink.add(slab)
+                t0 = time.perf_counter()
+            timer.times[f"{name}_aggregate"] += time.perf_counter() - t0
+        network = timer.times.get(f"{name}_network", 0.0) - network_before
+        timer.times[f"{name}_aggregate"] = max(0.0, timer.times[f"{name}_aggregate"] - network)
+        return sink.result()
 
     # the whole cascade --------------------------------------------------------------------------
     def __call__(self, inputs: torch.Tensor, network: CascadeNetworks, *args, **kwargs) -> torch.Tensor:
@@ -305,7 +327,9 @@ class CascadeInferer(Inferer):
         with torch.inference_mode():
             with timer("roi"):
                 roi_net = network.wait("roi")
-                box = roi_lib.locate(roi_net, image, affine, device=device, autocast=_autocast(device, self.precision), **self.roi_params)
+                box = roi_lib.locate(
+                    roi_net, image, affine, device=device, autocast=_autocast(device, self.precision), **self.roi_params
+                )
             self.boxes.append(box)
             if box is None:
                 # wait for the networks still loading in the background: a bad checkpoint is then reported, and no
@@ -333,25 +357,19 @@ class CascadeInferer(Inferer):
                 with timer("tumor_preprocess"):
                     x_t, _ = self._prepare(self.tumor, crop_ras, spacing, device)
                 organ_future = pool.submit(self._prepare, self.organ, crop_ras, spacing, device) if pool else None
-                with timer("tumor_network"):
+                with timer("tumor_load_wait"):
                     tumor_net = network.wait("tumor")
-                    p_t = self._windows(self.tumor, tumor_net, x_t, device)
+                lab_t = self._labels(self.tumor, tumor_net, x_t, crop_shape, device, timer)
                 del x_t
-                with timer("tumor_resample"):
-                    lab_t = resample_labels(p_t, crop_shape, block=self.block, axis=2)
-                del p_t
                 with timer("organ_preprocess"):
                     x_o, _ = organ_future.result() if organ_future else self._prepare(self.organ, crop_ras, spacing, device)
             finally:
                 if pool:
                     pool.shutdown(wait=True)
-            with timer("organ_network"):
+            with timer("organ_load_wait"):
                 organ_net = network.wait("organ")
-                p_o = self._windows(self.organ, organ_net, x_o, device)
+            lab_o = self._labels(self.organ, organ_net, x_o, crop_shape, device, timer)
             del x_o
-            with timer("organ_resample"):
-                lab_o = resample_labels(p_o, crop_shape, block=self.block, axis=2)
-            del p_o
             with timer("ensemble"):
                 labels = ensemble(lab_o, lab_t)
             if self.postprocessing:
@@ -363,7 +381,6 @@ class CascadeInferer(Inferer):
                 out[box.slices] = labels.to(torch.uint8)
         self.timings.append(timer.times)
         return out[None, None]
-
 
 
 # --- wiring from the sub-bundles ----------------------------------------------------------------
@@ -433,12 +450,16 @@ class ReadCased(MapTransform):
                 array, affine, _meta = read_case(case)
             except Flare23Error as exc:  # reported by the inferer; the batch goes on
                 meta = {"filename_or_obj": str(path), "case": case.name, "error": str(exc)}
-                d[key] = MetaTensor(torch.zeros((1, 1, 1, 1), dtype=torch.int16), affine=torch.eye(4, dtype=torch.float64), meta=meta)
+                d[key] = MetaTensor(
+                    torch.zeros((1, 1, 1, 1), dtype=torch.int16), affine=torch.eye(4, dtype=torch.float64), meta=meta
+                )
                 continue
             if not np.issubdtype(array.dtype, np.integer):
                 array = np.nan_to_num(array.astype(np.float32, copy=False), nan=-1024.0, posinf=3071.0, neginf=-1024.0)
             t = torch.from_numpy(np.ascontiguousarray(array))[None]
-            d[key] = MetaTensor(t, affine=torch.as_tensor(affine, dtype=torch.float64), meta={"filename_or_obj": str(path), "case": case.name})
+            d[key] = MetaTensor(
+                t, affine=torch.as_tensor(affine, dtype=torch.float64), meta={"filename_or_obj": str(path), "case": case.name}
+            )
         return d
 
 
@@ -555,7 +576,9 @@ class CascadeReport:
         failures = self.inferer.failures
         if failures:
             n = len(self.rows) + len(failures)
-            raise Flare23Error(f"{len(failures)} of {n} case(s) failed (listed above); the others were written to {self.output_dir}")
+            raise Flare23Error(
+                f"{len(failures)} of {n} case(s) failed (listed above); the others were written to {self.output_dir}"
+            )
 
     def _print_medians(self) -> None:
         if not self.rows:

@@ -132,27 +132,101 @@ def resample_labels(
     device = probs.device
     out_device = device if out_device is None else torch.device(out_device)
 
-    cells = cell_labels(probs)
     tables = [tuple(t.to(device) for t in linear_source_weights(n, o)) for n, o in zip(probs.shape[1:], out_shape)]
     labels = torch.empty(out_shape, dtype=torch.uint8, device=out_device)
+    _fill(probs, 0, tables, axis, 0, out_shape[axis], labels, block)
+    return labels
+
+
+def _fill(src: torch.Tensor, lo: int, tables, axis: int, o_start: int, o_stop: int, labels: torch.Tensor, block: int) -> None:
+    """Write the labels of the output slices ``o_start:o_stop`` along ``axis`` into ``labels``.
+
+    ``src`` holds the source slices ``lo : lo + n`` along ``axis`` (all of them, or a slab of a
+    stream); every output slice in the range must read only those (its upper source index
+    ``i1 < lo + n``). ``tables`` are the three axes' ``linear_source_weights`` of the whole volume.
+    """
+    cells = cell_labels(src)
+    i0, i1, w1 = tables[axis]
+    local = list(tables)
+    local[axis] = (i0 - lo, i1 - lo, w1)
     other = [a for a in range(3) if a != axis]
     # The cells seen by the output voxels of every plane, the blocked axis first (contiguous rows).
     plane_cells = cells.index_select(other[0], tables[other[0]][0]).index_select(other[1], tables[other[1]][0])
     plane_cells = plane_cells.movedim(axis, 0).contiguous()
     labels_view = labels.movedim(axis, 0)  # a view sharing the storage of labels
-    for start in range(0, out_shape[axis], block):
-        stop = min(start + block, out_shape[axis])
-        sub = plane_cells.index_select(0, tables[axis][0][start:stop])  # (slices of the block, output plane)
+    order = [0, 0, 0]
+    order[axis], order[other[0]], order[other[1]] = 0, 1, 2
+    for start in range(o_start, o_stop, block):
+        stop = min(start + block, o_stop)
+        sub = plane_cells.index_select(0, local[axis][0][start:stop])  # (slices of the block, output plane)
         mixed = sub < 0
         lab = sub.clamp_(min=0).to(torch.uint8)
         if bool(mixed.any()):
             idx = mixed.nonzero()  # (M, 3): block slice and the two in-plane output coordinates
             idx[:, 0] += start
-            order = [0, 0, 0]
-            order[axis], order[other[0]], order[other[1]] = 0, 1, 2
-            lab[mixed] = _interpolate_argmax(probs, idx[:, order], tables)
+            lab[mixed] = _interpolate_argmax(src, idx[:, order], local)
         labels_view[start:stop].copy_(lab)
-    return labels
+
+
+class StreamingLabels:
+    """:func:`resample_labels` fed slab by slab (e.g. by :func:`flare23.sliding.sliding_window_slabs`).
+
+    ``add(slab)`` takes the next source slices along ``axis`` (``(C, ...)``, in order) and labels
+    every output slice that those slices complete; only the one or two source slices that the
+    next output slices still need are kept. ``result()`` returns the label map, identical to
+    ``resample_labels`` of the whole probabilities (each voxel is computed the same way).
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axis: int = -1, block: int = DEFAULT_BLOCK,
+                 out_device: torch.device | str | None = None):  # fmt: skip
+        self.in_shape = _check_shape(in_shape, "StreamingLabels")
+        self.out_shape = _check_shape(out_shape, "StreamingLabels")
+        if not -3 <= axis <= 2:
+            raise ValueError(f"StreamingLabels: axis must be a spatial axis in -3..2, got {axis}")
+        self.axis, self.block = axis % 3, int(block)
+        if self.block < 1:
+            raise ValueError(f"StreamingLabels: block must be >= 1, got {block}")
+        self.out_device = None if out_device is None else torch.device(out_device)
+        self.tables = self.labels = self.pending = None
+        self.pending_lo = self.received = self.done = 0
+
+    def add(self, slab: torch.Tensor) -> None:
+        ax = self.axis
+        if slab.ndim != 4 or not slab.is_floating_point():
+            raise ValueError(f"StreamingLabels: a slab must be a floating (C, D0, D1, D2) tensor, got {tuple(slab.shape)}")
+        expected = [n for a, n in enumerate(self.in_shape) if a != ax]
+        got = [n for a, n in enumerate(slab.shape[1:]) if a != ax]
+        n = int(slab.shape[1 + ax])
+        if got != expected or self.received + n > self.in_shape[ax] or not 1 <= slab.shape[0] <= 255:
+            raise ValueError(
+                f"StreamingLabels: slab {tuple(slab.shape)} does not continue a volume of {self.in_shape} along axis {ax}"
+            )
+        if self.tables is None:
+            self.tables = [
+                tuple(t.to(slab.device) for t in linear_source_weights(i, o)) for i, o in zip(self.in_shape, self.out_shape)
+            ]
+            self.labels = torch.empty(self.out_shape, dtype=torch.uint8, device=self.out_device or slab.device)
+        self.pending = slab if self.pending is None else torch.cat([self.pending, slab], dim=1 + ax)
+        self.received += n
+        i0, i1, _ = self.tables[ax]
+        if self.received == self.in_shape[ax]:
+            stop = self.out_shape[ax]
+        else:  # output slices whose upper source slice has arrived (i1 is non-decreasing)
+            stop = int(torch.searchsorted(i1.cpu(), torch.tensor(self.received), right=False))
+        if stop > self.done:
+            _fill(self.pending, self.pending_lo, self.tables, ax, self.done, stop, self.labels, self.block)
+            self.done = stop
+        if self.done < self.out_shape[ax]:
+            keep_from = min(int(i0[self.done]), self.received)
+            self.pending = self.pending.narrow(1 + ax, keep_from - self.pending_lo, self.received - keep_from).clone()
+            self.pending_lo = keep_from
+        else:
+            self.pending = None
+
+    def result(self) -> torch.Tensor:
+        if self.labels is None or self.done != self.out_shape[self.axis]:
+            raise ValueError(f"StreamingLabels: {self.received} of {self.in_shape[self.axis]} source slices received")
+        return self.labels
 
 
 def _interpolate_argmax(probs: torch.Tensor, idx: torch.Tensor, tables, chunk: int = 1 << 20) -> torch.Tensor:
