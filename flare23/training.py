@@ -1,50 +1,140 @@
-"""Training helpers shared by every bundle: resume from the last checkpoint, safe weight loading.
+"""Training helpers shared by every bundle: crash-safe checkpoints, resume from the last one, safe weight loading.
 
-* :class:`ResumeFromLast` is an ignite handler for ``train#handlers``: when the checkpoint folder
-  holds a ``checkpoint_epoch=N.pt`` written by MONAI's ``CheckpointSaver``, it restores model,
-  optimiser, scheduler and trainer counters from the newest one at ``Events.STARTED``, so that the
-  same training command resumes after an interruption. (MONAI's ``CheckpointLoader`` needs a path
-  that exists when the config is parsed; this handler looks when the run starts.)
-* :func:`load_weights` loads an untrusted checkpoint with ``weights_only=True`` and refuses
-  missing, unexpected or mis-shaped keys with a one-line error instead of a partial load.
+* :class:`SafeCheckpointSaver` is MONAI's ``CheckpointSaver`` with a crash-safe writer. MONAI 1.6.1 builds
+  ignite's ``DiskSaver`` with ``atomic=False`` (so ``torch.save`` writes straight into
+  ``checkpoint_epoch=N.pt``), and ignite 0.5.5's ``Checkpoint`` removes the older file *before* it saves
+  the new one: a kill during a save with ``n_saved=1`` leaves one truncated checkpoint and nothing to
+  resume from (``tests/test_resume.py`` shows it). :class:`AtomicDiskSaver` writes to a temporary file
+  beside the target (:func:`flare23.io.atomic_path`), fsyncs it, renames it over the target, fsyncs the
+  folder, and only then deletes the files that ``Checkpoint`` asked it to remove. The saver also takes
+  over the ``checkpoint_epoch=N.pt`` files of the run it resumes, so that ``n_saved`` still holds after a
+  resume, and its ``state_dict`` carries the best-model tracking (best key metric so far), so that a
+  resumed run does not overwrite ``model.pt`` with a worse model.
+* :class:`ResumeFromLast` is an ignite handler, attached by the configs' ``run`` (it needs the trainer,
+  which a handler inside ``train#handlers`` cannot reference: MONAI's parser rejects that as a circular
+  reference). At ``Events.STARTED`` it restores model, optimiser, scheduler and trainer counters from
+  the newest complete ``checkpoint_epoch=N.pt``, skipping (with a warning) files that are truncated or
+  left by an interrupted save. A scheduler with a ``total_iters`` horizon (``PolynomialLR``) keeps the
+  horizon of the *current* config: resuming with a larger ``max_epochs`` continues the poly decay
+  towards the new end instead of reaching 0 at the old one.
+* :func:`load_weights` loads an untrusted checkpoint with ``weights_only=True`` and refuses missing,
+  unexpected or mis-shaped keys with a one-line error instead of a partial load.
+
+``SafeCheckpointSaver`` and ``AtomicDiskSaver`` derive from MONAI / ignite classes, which take seconds to
+import: they are built on first access (module ``__getattr__``), so that ``import flare23.training``
+stays light for inference.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import pickle
 import re
+import stat
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from flare23.config import as_bool
 from flare23.errors import Flare23Error
+from flare23.io import atomic_path
 
 _EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+#: temporary files of :func:`flare23.io.atomic_path`: ``.<target name>.<random>.tmp.pt``
+_TMP_RE = re.compile(r"^\.(?P<target>.+\.pt)\.[A-Za-z0-9_]+\.tmp\.pt$")
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(Flare23Error):
+    """A checkpoint file that is truncated or damaged (as opposed to one refused for its content)."""
+
+
+# --- finding and loading checkpoints -----------------------------------------------------------------------------------
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """The ``checkpoint_epoch=N.pt`` files of ``ckpt_dir``, newest (highest N) first; hidden files are skipped."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if not p.name.startswith(".") and (m := _EPOCH_RE.search(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """Newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``."""
+    """Newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir`` (highest N), or ``None``; its content is not checked."""
+    found = list_checkpoints(ckpt_dir)
+    return found[0] if found else None
+
+
+def interrupted_saves(ckpt_dir: str | Path) -> list[Path]:
+    """Temporary files that a save of a ``checkpoint_epoch=N.pt`` left when its process was killed."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _EPOCH_RE.search(p.name))]
-    return max(found)[1] if found else None
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if (m := _TMP_RE.match(p.name)) and _EPOCH_RE.search(m.group("target")))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # torch's weights-only refusal starts with a paragraph of advice; the useful line names the global
+    useful = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    line = (useful or lines or [type(exc).__name__])[0]
+    return line.split(". ")[0]  # the first sentence; torch adds paragraphs of advice
 
 
 def torch_load_safe(path: str | Path, map_location="cpu") -> dict:
-    """``torch.load(weights_only=True)`` with one-line errors; never unpickles arbitrary objects."""
+    """``torch.load(weights_only=True)`` with one-line errors; never unpickles arbitrary objects.
+
+    A file that cannot be read to the end (truncated, empty, garbage) raises
+    :class:`CorruptCheckpointError`; a complete archive whose pickle asks for anything but tensors and
+    plain containers is refused with :class:`Flare23Error` (its payload is not executed).
+    """
     path = Path(path)
     if not path.is_file():
         raise Flare23Error(f"{path}: checkpoint not found")
     try:
         obj = torch.load(str(path), map_location=map_location, weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Flare23Error(f"{path}: refused to load checkpoint (not a plain state dict of tensors: {first})") from None
+    except pickle.UnpicklingError as exc:
+        if zipfile.is_zipfile(path):
+            raise Flare23Error(
+                f"{path}: refused to load checkpoint (not a plain state dict of tensors: {_first_line(exc)})"
+            ) from None
+        raise CorruptCheckpointError(f"{path}: checkpoint is incomplete or corrupt (not a torch archive)") from None
+    except Exception as exc:  # OSError / EOFError / RuntimeError from a truncated or damaged archive
+        what = f"{type(exc).__name__}: {_first_line(exc)}" if str(exc).strip() else type(exc).__name__
+        raise CorruptCheckpointError(
+            f"{path}: checkpoint is incomplete or corrupt ({path.stat().st_size} bytes; {what})"
+        ) from None
     if not isinstance(obj, dict):
         raise Flare23Error(f"{path}: checkpoint is a {type(obj).__name__}, expected a state dict")
     return obj
+
+
+def _check_matches(network: torch.nn.Module, state, path: Path | str) -> None:
+    """Raise a one-line error when ``state`` does not fit ``network`` key for key and shape for shape."""
+    if not isinstance(state, dict):
+        raise Flare23Error(f"{path}: the network's entry is a {type(state).__name__}, expected a state dict")
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise Flare23Error(
+            f"{path}: checkpoint does not match the network ({len(missing)} missing keys e.g. {missing[:3]}, "
+            f"{len(unexpected)} unexpected e.g. {unexpected[:3]})"
+        )
+    bad = [k for k, v in own.items() if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        k = bad[0]
+        got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+        raise Flare23Error(
+            f"{path}: checkpoint shapes do not match the network ({len(bad)} tensors, e.g. {k}: {got} vs {tuple(own[k].shape)})"
+        )
 
 
 def load_weights(network: torch.nn.Module, path: str | Path, map_location="cpu", key: str | None = None) -> torch.nn.Module:
@@ -61,39 +151,209 @@ def load_weights(network: torch.nn.Module, path: str | Path, map_location="cpu",
         if key not in state:
             raise Flare23Error(f"{path}: checkpoint has no entry {key!r} (has {sorted(state)[:5]})")
         state = state[key]
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise Flare23Error(
-            f"{path}: checkpoint does not match the network ({len(missing)} missing keys e.g. {missing[:3]}, "
-            f"{len(unexpected)} unexpected e.g. {unexpected[:3]})"
-        )
-    bad = [k for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        k = bad[0]
-        raise Flare23Error(
-            f"{path}: checkpoint shapes do not match the network ({len(bad)} tensors, e.g. {k}: "
-            f"{tuple(state[k].shape)} vs {tuple(own[k].shape)})"
-        )
+    _check_matches(network, state, path)
     network.load_state_dict(state, strict=True)
     return network
 
 
-class ResumeFromLast:
-    """Ignite handler: restore ``load_dict`` from the newest ``checkpoint_epoch=N.pt`` in ``ckpt_dir``.
+# --- writing checkpoints -----------------------------------------------------------------------------------------------
 
-    Use in ``train#handlers`` together with a MONAI ``CheckpointSaver`` that writes
-    ``{"model", "optimizer", "lr_scheduler", "trainer"}`` every epoch (its ``DiskSaver`` writes
-    atomically, so a kill during a save never leaves a corrupt file). ``enabled=False`` turns it
-    off (``--resume false``).
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in ``folder`` durable (no-op where folders cannot be opened)."""
+    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - Windows
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint_atomic(obj, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
+
+    A kill at any moment leaves either the previous ``path`` (or none) or the complete new one, plus at
+    worst a hidden ``.<name>.<random>.tmp.pt`` file. The file is readable by group and others, like
+    the ones ignite's atomic ``DiskSaver`` writes.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
+    _fsync_dir(path.parent)
+    return path
+
+
+@functools.cache
+def _saver_classes() -> dict[str, type]:
+    """Build the ignite / MONAI subclasses on first use (importing ignite costs seconds)."""
+    import ignite.distributed as idist
+    from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
+    from monai.handlers import CheckpointSaver
+
+    class AtomicDiskSaver(BaseSaveHandler):
+        """ignite save handler: :func:`save_checkpoint_atomic`, removals deferred until the next save succeeded.
+
+        ignite's ``Checkpoint`` calls ``remove(old)`` before it saves the new file; here the old file
+        is deleted only once the new one is complete on disk. ``filename`` fixes the file name
+        (``model.pt``): removing and re-saving it then becomes one atomic replacement. ``stale`` (a
+        regex of target names) selects the temporary files of interrupted saves that the first save
+        deletes.
+        """
+
+        def __init__(
+            self, dirname: str | Path, filename: str | None = None, save_on_rank: int = 0, stale: re.Pattern | None = None
+        ):
+            self.dirname = Path(dirname).expanduser()
+            self.filename = filename
+            self.save_on_rank = save_on_rank
+            self.stale = stale
+            self._pending: list[str] = []
+            self._swept = False
+            if idist.get_rank() == save_on_rank:
+                self.dirname.mkdir(parents=True, exist_ok=True)
+
+        def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+            if idist.get_rank() != self.save_on_rank:
+                return
+            name = self.filename or filename
+            if not self._swept:
+                self._sweep(name)
+            save_checkpoint_atomic(checkpoint, self.dirname / name)
+            pending, self._pending = self._pending, []
+            removed = False
+            for old in pending:
+                if old != name:
+                    (self.dirname / old).unlink(missing_ok=True)
+                    removed = True
+            if removed:
+                _fsync_dir(self.dirname)
+
+        def remove(self, filename: str) -> None:
+            if idist.get_rank() == self.save_on_rank:
+                self._pending.append(self.filename or filename)
+
+        def _sweep(self, name: str) -> None:
+            self._swept = True
+            for p in self.dirname.iterdir():
+                m = _TMP_RE.match(p.name)
+                if m and (m.group("target") == name or (self.stale is not None and self.stale.match(m.group("target")))):
+                    logger.warning("removing %s, left by an interrupted checkpoint save", p)
+                    p.unlink(missing_ok=True)
+
+    class SafeCheckpointSaver(CheckpointSaver):
+        """MONAI's ``CheckpointSaver`` (same arguments) writing through :class:`AtomicDiskSaver`.
+
+        * every file (interval, key metric, final) is written atomically and fsynced, and a file that
+          ``n_saved`` retires is deleted only after its successor is complete;
+        * at the first interval save, the ``checkpoint_epoch=N.pt`` files already in ``save_dir`` with a
+          lower N (those of the run that was resumed) join the rotation, so ``n_saved`` still holds;
+        * ``state_dict()`` / ``load_state_dict()`` carry the key-metric tracking (the best score so far and
+          its file): put the saver of ``model.pt`` in the trainer's save and resume dicts so that a resumed
+          run only replaces ``model.pt`` with a better model.
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._adopted = False
+            interval = self._interval_checkpoint
+            self._interval_re = None
+            if interval is not None:
+                name = "checkpoint" if len(self.save_dict) > 1 else next(iter(self.save_dict))
+                prefix = f"{interval.filename_prefix}_" if interval.filename_prefix else ""
+                self._interval_re = re.compile(
+                    rf"^{re.escape(prefix + name)}_{re.escape(interval.score_name)}=(\d+)\.{re.escape(interval.ext)}$"
+                )
+            for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, interval):
+                if ckpt is not None:
+                    fixed = getattr(ckpt.save_handler, "filename", None)
+                    ckpt.save_handler = AtomicDiskSaver(self.save_dir, filename=fixed, stale=self._interval_re)
+
+        def interval_completed(self, engine) -> None:
+            if not self._adopted:
+                self._adopted = True
+                self._adopt_existing(engine.state.epoch if self.epoch_level else engine.state.iteration)
+            super().interval_completed(engine)
+
+        def _adopt_existing(self, current: int) -> None:
+            """Put the older interval files of ``save_dir`` under this saver's ``n_saved`` rotation."""
+            ckpt = self._interval_checkpoint
+            if ckpt is None or ckpt.n_saved is None or self._interval_re is None:
+                return
+            known = {item.filename for item in ckpt._saved}
+            older = sorted(
+                (int(m.group(1)), p.name)
+                for p in Path(self.save_dir).iterdir()
+                if (m := self._interval_re.match(p.name)) and int(m.group(1)) < current and p.name not in known
+            )
+            if not older:
+                return
+            keep = older[-ckpt.n_saved :]
+            for _, name in older[: len(older) - len(keep)]:
+                ckpt.save_handler.remove(name)  # deleted once the next file is safely written
+            ckpt._saved.extend(Checkpoint.Item(priority, name) for priority, name in keep)
+            ckpt._saved.sort(key=lambda it: it[0])
+            self.logger.info("checkpoint rotation (n_saved=%d) now includes %s", ckpt.n_saved, [name for _, name in older])
+
+        def state_dict(self) -> dict:
+            # plain floats: a numpy scalar metric would make the checkpoint unloadable with weights_only=True
+            ckpt = self._key_metric_checkpoint
+            return {"_saved": [(float(p), str(f)) for p, f in ckpt._saved] if ckpt is not None else []}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            if self._key_metric_checkpoint is not None:
+                self._key_metric_checkpoint.load_state_dict(state_dict)
+
+    for cls in (AtomicDiskSaver, SafeCheckpointSaver):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return {"AtomicDiskSaver": AtomicDiskSaver, "SafeCheckpointSaver": SafeCheckpointSaver}
+
+
+def __getattr__(name: str):
+    if name in ("AtomicDiskSaver", "SafeCheckpointSaver"):
+        return _saver_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --- resuming ------------------------------------------------------------------------------------------------------------
+
+
+class ResumeFromLast:
+    """Ignite handler: restore ``load_dict`` from the newest complete ``checkpoint_epoch=N.pt`` in ``ckpt_dir``.
+
+    Attach it to the trainer (the configs do so in ``run``, from ``train#checkpoint_handlers``) beside a
+    :class:`SafeCheckpointSaver` that writes the same dict every epoch. At ``Events.STARTED``:
+
+    * files that cannot be read to the end, and temporary files of interrupted saves, are skipped with
+      a warning and the next older checkpoint is used; a file whose pickle is refused by
+      ``weights_only=True`` stops the run with a one-line error (never executed, never skipped);
+    * the checkpoint must hold every key of ``load_dict`` except ``optional_keys`` (warned about when
+      absent); network entries must match key for key and shape for shape before anything is loaded;
+    * ``max_epochs`` stays the one of the current run (it may be larger than the checkpoint's);
+    * a scheduler with ``total_iters`` keeps the horizon it was built with (``@max_epochs``); when the
+      checkpoint's differs, the learning rate is set to the scheduler's closed form at the resumed
+      epoch, so the schedule is the one a run with the new ``max_epochs`` would have followed.
+
+    ``enabled=False`` turns it off (``--resume false``). ``loaded_from`` is the file used, or ``None``.
     """
 
-    def __init__(self, ckpt_dir: str | Path, load_dict: dict, enabled: bool = True, map_location="cpu"):
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        load_dict: dict,
+        enabled: bool = True,
+        map_location="cpu",
+        optional_keys: Sequence[str] = (),
+    ):
         self.ckpt_dir = Path(ckpt_dir)
         self.load_dict = load_dict
         self.enabled = as_bool(enabled, "resume")
         self.map_location = map_location
+        self.optional_keys = tuple(optional_keys)
         self.logger = logging.getLogger(__name__)
         self.loaded_from: Path | None = None
 
@@ -102,24 +362,83 @@ class ResumeFromLast:
 
         engine.add_event_handler(Events.STARTED, self)
 
+    def _find(self) -> tuple[Path, dict] | None:
+        for tmp in interrupted_saves(self.ckpt_dir):
+            self.logger.warning("ignoring %s: left by a checkpoint save that was interrupted", tmp)
+        candidates = list_checkpoints(self.ckpt_dir)
+        for path in candidates:
+            try:
+                return path, torch_load_safe(path, self.map_location)
+            except CorruptCheckpointError as exc:
+                self.logger.warning("skipping %s; trying the previous checkpoint", exc)
+        if candidates:
+            raise Flare23Error(
+                f"{self.ckpt_dir}: no complete checkpoint to resume from ({len(candidates)} damaged); "
+                "move them away or pass --resume false"
+            )
+        return None
+
     def __call__(self, engine) -> None:
         from ignite.handlers import Checkpoint
 
         if not self.enabled:
+            if existing := list_checkpoints(self.ckpt_dir):
+                self.logger.warning(
+                    "resume is off, but %s holds %s: a later resumed run would start from it unless it is moved away",
+                    self.ckpt_dir, existing[0].name,
+                )  # fmt: skip
             return
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
+        found = self._find()
+        if found is None:
             return
-        checkpoint = torch_load_safe(path, self.map_location)
-        missing = [k for k in self.load_dict if k not in checkpoint]
+        path, checkpoint = found
+        to_load = dict(self.load_dict)
+        missing = [k for k in to_load if k not in checkpoint]
+        absent_optional = [k for k in missing if k in self.optional_keys]
+        missing = [k for k in missing if k not in self.optional_keys]
         if missing:
-            raise Flare23Error(f"{path}: cannot resume, checkpoint lacks {missing}")
+            raise Flare23Error(f"{path}: cannot resume, checkpoint lacks {missing} (has {sorted(checkpoint)})")
+        for k in absent_optional:
+            self.logger.warning("%s has no %r entry (an older checkpoint): that state starts afresh", path, k)
+            del to_load[k]
+        for k, obj in to_load.items():
+            net = obj.module if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else obj
+            if isinstance(net, torch.nn.Module):
+                _check_matches(net, checkpoint[k], f"{path} [{k}]")
+        horizons = {k: obj.total_iters for k, obj in to_load.items() if _has_horizon(obj)}
         prior_max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=True)
+        try:
+            Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint, strict=True)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise Flare23Error(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
         if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
             raise Flare23Error(
                 f"{path}: checkpoint is at epoch {engine.state.epoch}, beyond max_epochs {prior_max_epochs}; raise max_epochs to continue"
             )
         engine.state.max_epochs = prior_max_epochs
+        for k, total in horizons.items():
+            self._restore_horizon(to_load[k], total, path)
         self.loaded_from = path
         self.logger.info("resumed from %s at epoch %d, iteration %d", path, engine.state.epoch, engine.state.iteration)
+
+    def _restore_horizon(self, scheduler, total: int, path: Path) -> None:
+        old = scheduler.total_iters
+        if old == total:
+            return
+        scheduler.total_iters = total
+        closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+        if closed_form is None:  # pragma: no cover - every torch scheduler with total_iters has one
+            self.logger.warning("%s: lr schedule horizon set from %s to %s; lr left at its checkpoint value", path, old, total)
+            return
+        lrs = closed_form()
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+        self.logger.info(
+            "lr schedule horizon: checkpoint %s had %s steps, this run has %s (max_epochs); lr at step %d set to %.6g",
+            path.name, old, total, scheduler.last_epoch, lrs[0],
+        )  # fmt: skip
+
+
+def _has_horizon(obj) -> bool:
+    return isinstance(obj, torch.optim.lr_scheduler.LRScheduler) and isinstance(getattr(obj, "total_iters", None), int)

@@ -108,7 +108,7 @@ def test_training_cli_writes_checkpoints_logs_and_best_model(trained):
     bundle, ckpt_dir = trained["bundle"], trained["ckpt_dir"]
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
     state = torch.load(ckpt_dir / "checkpoint_epoch=2.pt", weights_only=True)
-    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model"}
     assert state["trainer"]["iteration"] == 2 and state["trainer"]["epoch_length"] == 1
     assert state["lr_scheduler"]["last_epoch"] == 2
     assert state["optimizer"]["param_groups"][0]["momentum"] == C.MOMENTUM

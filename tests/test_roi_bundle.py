@@ -145,7 +145,7 @@ def test_training_writes_checkpoints_and_best_model(trained):
     assert not any(k.startswith("module.") for k in state)  # a plain state dict of the network
     tiny_net(ckpt / "model.pt")  # strict load into the tiny network
     full = torch.load(ckpt / "checkpoint_epoch=1.pt", weights_only=True)
-    assert set(full) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(full) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model"}
     assert full["trainer"]["iteration"] == 2 and full["trainer"]["epoch_length"] == 2
     assert full["optimizer"]["param_groups"][0]["nesterov"] is True
     assert list(trained["out"].glob("events.out.tfevents.*"))
