@@ -276,6 +276,7 @@ class CascadeInferer(Inferer):
                 timer.times[f"{name}_aggregate"] = timer.times.get(f"{name}_aggregate", 0.0) + windows
                 with timer(f"{name}_resample"):
                     sink.add(slab)
+                del slab  # not held while the next slab is computed
                 t0 = time.perf_counter()
             timer.times[f"{name}_aggregate"] += time.perf_counter() - t0
         network = timer.times.get(f"{name}_network", 0.0) - network_before

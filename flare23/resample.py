@@ -39,6 +39,9 @@ import torch.nn.functional as F
 #: Output slices interpolated at once (METHOD.md section 5, step 4).
 DEFAULT_BLOCK = 150
 
+#: Output voxels whose mixed-cell coordinates are gathered at once (bounds the index memory).
+_MIXED_CHUNK = 1 << 22
+
 _IMAGE_MODES = ("trilinear", "nearest", "nearest-exact", "area")
 
 
@@ -162,9 +165,14 @@ def _fill(src: torch.Tensor, lo: int, tables, axis: int, o_start: int, o_stop: i
         mixed = sub < 0
         lab = sub.clamp_(min=0).to(torch.uint8)
         if bool(mixed.any()):
-            idx = mixed.nonzero()  # (M, 3): block slice and the two in-plane output coordinates
-            idx[:, 0] += start
-            lab[mixed] = _interpolate_argmax(src, idx[:, order], local)
+            # (M, 3) coordinates of the mixed voxels, a few slices at a time (24 bytes per voxel)
+            step = max(1, _MIXED_CHUNK // max(1, lab[0].numel()))
+            for a in range(0, stop - start, step):
+                m = mixed[a : a + step]
+                idx = m.nonzero()
+                if idx.shape[0]:
+                    idx[:, 0] += start + a
+                    lab[a : a + step][m] = _interpolate_argmax(src, idx[:, order], local)
         labels_view[start:stop].copy_(lab)
 
 
@@ -206,22 +214,34 @@ class StreamingLabels:
                 tuple(t.to(slab.device) for t in linear_source_weights(i, o)) for i, o in zip(self.in_shape, self.out_shape)
             ]
             self.labels = torch.empty(self.out_shape, dtype=torch.uint8, device=self.out_device or slab.device)
-        self.pending = slab if self.pending is None else torch.cat([self.pending, slab], dim=1 + ax)
+        prev = self.received
         self.received += n
         i0, i1, _ = self.tables[ax]
         if self.received == self.in_shape[ax]:
             stop = self.out_shape[ax]
         else:  # output slices whose upper source slice has arrived (i1 is non-decreasing)
-            stop = int(torch.searchsorted(i1.cpu(), torch.tensor(self.received), right=False))
+            stop = int(torch.searchsorted(i1.cpu(), torch.tensor(self.received)))
+        if stop > self.done and self.pending is not None:
+            # output slices that still read kept slices: from those plus the slab's first slice only
+            mid = min(stop, max(self.done, int(torch.searchsorted(i0.cpu(), torch.tensor(prev)))))
+            if mid > self.done:
+                joined = torch.cat([self.pending, slab.narrow(1 + ax, 0, 1)], dim=1 + ax)
+                _fill(joined, self.pending_lo, self.tables, ax, self.done, mid, self.labels, self.block)
+                self.done = mid
         if stop > self.done:
-            _fill(self.pending, self.pending_lo, self.tables, ax, self.done, stop, self.labels, self.block)
+            _fill(slab, prev, self.tables, ax, self.done, stop, self.labels, self.block)
             self.done = stop
-        if self.done < self.out_shape[ax]:
-            keep_from = min(int(i0[self.done]), self.received)
-            self.pending = self.pending.narrow(1 + ax, keep_from - self.pending_lo, self.received - keep_from).clone()
-            self.pending_lo = keep_from
-        else:
+        if self.done == self.out_shape[ax]:
             self.pending = None
+            return
+        keep_from = int(i0[self.done])  # the first source slice that later output slices read
+        if keep_from >= prev or self.pending is None:
+            keep_from = min(max(keep_from, prev), self.received)
+            self.pending = slab.narrow(1 + ax, keep_from - prev, self.received - keep_from).clone()
+        else:  # a slab too thin to finish an output slice: keep it whole with what was kept before
+            old = self.pending.narrow(1 + ax, keep_from - self.pending_lo, prev - keep_from)
+            self.pending = torch.cat([old, slab], dim=1 + ax)
+        self.pending_lo = keep_from
 
     def result(self) -> torch.Tensor:
         if self.labels is None or self.done != self.out_shape[self.axis]:

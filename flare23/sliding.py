@@ -84,23 +84,30 @@ def sliding_window_slabs(
         # the buffer spans [s, s + roi) along axis; carry over what the previous windows left there
         shape = list(size)
         shape[axis] = roi[axis]
-        new_acc, new_cnt = None, torch.zeros([1, *shape], dtype=acc_dtype, device=inputs.device)
-        if acc is not None:
+        # what the previous windows left in [s, ...) is kept; the old buffers go before new ones are made
+        carry_acc = carry_cnt = None
+        if acc is not None and base + acc.shape[1 + axis] > s:
             carry = base + acc.shape[1 + axis] - s
-            if carry > 0:
-                new_cnt.narrow(1 + axis, 0, carry).copy_(cnt.narrow(1 + axis, s - base, carry))
+            carry_acc = acc.narrow(1 + axis, s - base, carry).clone()
+            carry_cnt = cnt.narrow(1 + axis, s - base, carry).clone()
+        acc = cnt = None
+        new_acc, new_cnt = None, torch.zeros([1, *shape], dtype=acc_dtype, device=inputs.device)
+        if carry_cnt is not None:
+            new_cnt.narrow(1 + axis, 0, carry_cnt.shape[1 + axis]).copy_(carry_cnt)
         for i in range(0, len(groups[s]), sw_batch_size):
             batch = groups[s][i : i + sw_batch_size]
             out = predictor(torch.cat([inputs[(slice(None), slice(None), *w)] for w in batch]))
             if new_acc is None:
                 new_acc = torch.zeros([out.shape[1], *shape], dtype=acc_dtype, device=inputs.device)
-                if acc is not None and carry > 0:
-                    new_acc.narrow(1 + axis, 0, carry).copy_(acc.narrow(1 + axis, s - base, carry))
+                if carry_acc is not None:
+                    new_acc.narrow(1 + axis, 0, carry_acc.shape[1 + axis]).copy_(carry_acc)
+                    carry_acc = None
             for w, o in zip(batch, out):
                 local = list(w)
                 local[axis] = slice(int(w[axis].start) - s, int(w[axis].stop) - s)
                 new_acc[(slice(None), *local)].add_(o.to(acc_dtype) * weight)
                 new_cnt[(slice(None), *local)].add_(weight)
+            del out
         acc, cnt, base = new_acc, new_cnt, s
         final = starts[g + 1] if g + 1 < len(starts) else size[axis]  # no later window reaches below this
         lo, hi = max(emitted, keep[axis].start), min(final, keep[axis].stop)

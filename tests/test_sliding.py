@@ -87,3 +87,14 @@ def test_sliding_window_then_streamed_labels_equal_monai_then_resample():
     ref = resample_labels(probs, (30, 25, 90))
     differ = stream.result() != ref
     assert differ.float().mean() < 1e-4  # only float32 rounding of the window sums can tip a near-tie
+
+
+@pytest.mark.parametrize("in_len, out_len", [(13, 37), (13, 5), (13, 13), (2, 9), (9, 2)])
+def test_streamed_labels_one_slice_at_a_time(in_len, out_len):
+    g = torch.Generator().manual_seed(in_len * 100 + out_len)
+    probs = torch.softmax(torch.randn(4, 6, 5, in_len, generator=g) * 3, 0)
+    stream = StreamingLabels((6, 5, in_len), (11, 7, out_len), block=2)
+    for k in range(in_len):
+        stream.add(probs[..., k : k + 1])
+        assert stream.pending is None or stream.pending.shape[-1] <= 2  # never more than the context slices
+    assert torch.equal(stream.result(), resample_labels(probs, (11, 7, out_len)))
