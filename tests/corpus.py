@@ -363,3 +363,37 @@ def bad_label(kind: str, path: Path) -> tuple[str, ...]:
 
 
 BAD_LABEL_KINDS = ("truncated", "image_2d", "image_4d", "nan", "fractional", "negative", "zero_affine")
+
+
+# --- networks with a constant answer --------------------------------------------------------------
+def constant_checkpoints(folder: Path, overrides: dict[str, str], constant: dict[str, int], seed: int = 0) -> dict[str, Path]:
+    """State dicts of the three networks (``overrides``: part -> bundle overrides, a Python literal string).
+
+    A part named in ``constant`` gets all weights zero but the last layer's bias, which votes for
+    that class everywhere (the ROI network: 0 background, 1 abdomen; the fine ones: a label);
+    the others keep random weights from ``seed``. Written with ``torch.save`` into ``folder``.
+    """
+    import ast
+
+    import torch
+
+    from flare23.bundles import SubBundle
+
+    root = Path(__file__).resolve().parents[1] / "bundles"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for part, bundle in (("roi", "roi_extractor"), ("organ", "organ_seg"), ("tumor", "tumor_seg")):
+        torch.manual_seed(seed)
+        state = SubBundle(root / bundle, "inference.json", ast.literal_eval(overrides[part])).network().state_dict()
+        if part in constant:
+            n_out = 2 if part == "roi" else 15
+            heads = [k for k, v in state.items() if k.endswith(".bias") and tuple(v.shape) == (n_out,)]
+            # the main output layer (DynUNet: output_block; LightUNet: head), not a deep-supervision head
+            last = next((k for k in heads if k.startswith(("output_block.", "head."))), heads[-1])
+            state = {k: torch.zeros_like(v) for k, v in state.items()}
+            bias = torch.full((n_out,), -5.0)
+            bias[constant[part]] = 5.0
+            state[last] = bias
+        paths[part] = folder / f"{part}.pt"
+        torch.save(state, paths[part])
+    return paths

@@ -66,6 +66,7 @@ from corpus import (
     WARNING,
     bad_label,
     body,
+    constant_checkpoints,
     files_under,
     head,
     image_corpus,
@@ -279,29 +280,9 @@ def test_empty_folder_is_one_line_error(tmp_path, capsys):
 
 # --- head only: an empty ROI ----------------------------------------------------------------------
 def _background_checkpoints(folder: Path) -> dict[str, Path]:
-    """Checkpoints of the tiny networks; the ROI network's weights are all zero but the last bias, so it says background."""
-    import ast
-
-    import torch
-
-    from flare23.bundles import SubBundle
-
-    folder.mkdir()
-    paths = {}
-    for part, bundle, overrides in (
-        ("roi", "roi_extractor", ROI_TINY),
-        ("organ", "organ_seg", FINE_TINY.format(s=6.0)),
-        ("tumor", "tumor_seg", FINE_TINY.format(s=8.0)),
-    ):
-        torch.manual_seed(0)
-        state = SubBundle(ROOT / "bundles" / bundle, "inference.json", ast.literal_eval(overrides)).network().state_dict()
-        if part == "roi":
-            last = [k for k, v in state.items() if k.endswith(".bias") and tuple(v.shape) == (2,)][-1]
-            state = {k: torch.zeros_like(v) for k, v in state.items()}
-            state[last] = torch.tensor([5.0, -5.0])
-        paths[part] = folder / f"{part}.pt"
-        torch.save(state, paths[part])
-    return paths
+    """Checkpoints of the tiny networks; the ROI network says background everywhere."""
+    return constant_checkpoints(folder, {"roi": ROI_TINY, "organ": FINE_TINY.format(s=6.0), "tumor": FINE_TINY.format(s=8.0)},
+                                {"roi": 0})  # fmt: skip
 
 
 def test_head_only_gives_background_and_a_warning(tmp_path):

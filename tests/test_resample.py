@@ -208,3 +208,20 @@ def test_organ_like_probabilities_match_torch_and_most_cells_are_uniform():
     labels = resample_labels(probs, out_shape, block=7)
     _assert_equal_up_to_ties(labels, probs, out_shape)
     assert torch.equal(labels, resample_labels(probs, out_shape, block=1000))
+
+
+def test_noisy_and_clean_slices_in_one_volume_match_torch_whatever_the_block():
+    import flare23.resample as rs
+
+    # the first half of the slices is noise (mostly mixed cells: whole-slice path), the second half
+    # one class (uniform cells), the border in between mixed voxel by voxel
+    g = torch.Generator().manual_seed(11)
+    probs = torch.softmax(torch.randn(6, 10, 9, 16, generator=g), 0)
+    probs[:, :, :, 8:] = torch.softmax(torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0, 0.0]), 0).view(6, 1, 1, 1)
+    cells = rs.cell_labels(probs)
+    assert float((cells[..., :6] < 0).float().mean()) > rs._DENSE_FRACTION and bool((cells[..., 9:] == 2).all())
+    out_shape = (23, 19, 41)
+    labels = resample_labels(probs, out_shape, block=5)
+    _assert_equal_up_to_ties(labels, probs, out_shape)
+    for block in (1, 7, 1000):
+        assert torch.equal(labels, resample_labels(probs, out_shape, block=block))
