@@ -81,6 +81,24 @@ class CascadeNetworks(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.organ(x)
 
+    def __getstate__(self):
+        """Copyable and picklable (MONAI Label deep-copies a bundle's network for each device).
+
+        The ``threading.Event`` objects hold locks, which cannot be copied: the copy is taken once
+        every part has finished loading and gets fresh, set events.
+        """
+        for event in self._ready.values():
+            event.wait()
+        state = self.__dict__.copy()
+        state.pop("_ready", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._ready = {p: threading.Event() for p in self.PARTS}
+        for event in self._ready.values():
+            event.set()
+
     def load_async(self, roi_ckpt=None, organ_ckpt=None, tumor_ckpt=None, combined_ckpt=None, enabled: bool = True):
         """Load weights in a background thread (ROI first); stages wait with :meth:`wait`.
 
@@ -458,9 +476,14 @@ class ReadCased(MapTransform):
             if not np.issubdtype(array.dtype, np.integer):
                 array = np.nan_to_num(array.astype(np.float32, copy=False), nan=-1024.0, posinf=3071.0, neginf=-1024.0)
             t = torch.from_numpy(np.ascontiguousarray(array))[None]
-            d[key] = MetaTensor(
-                t, affine=torch.as_tensor(affine, dtype=torch.float64), meta={"filename_or_obj": str(path), "case": case.name}
-            )
+            meta = {
+                "filename_or_obj": str(path),
+                "case": case.name,
+                # MONAI's LoadImage keys: MONAI Label writes its answer with ``original_affine``
+                "original_affine": np.asarray(affine, dtype=np.float64),
+                "spatial_shape": np.asarray(array.shape),
+            }
+            d[key] = MetaTensor(t, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
         return d
 
 

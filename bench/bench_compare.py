@@ -1,0 +1,626 @@
+"""Benchmark: our pipeline against nnU-Net v2 and the Model Zoo's way, on the same full-size inputs.
+
+One command (CPU; the same script on a lent GPU with ``--device cuda``)::
+
+    python bench/bench_compare.py [--sizes 100,300,500] [--real] [--repeats 3] [--filters 4,8,16,16,16,16]
+                                  [--device cpu|cuda] [--systems ours,nnunet,monai] [--out bench/results]
+
+Inputs: full-size phantoms (``flare23.phantoms.make_phantom(size="full")``, 512 x 512 x SIZE) and,
+with ``--real``, the real CT of ``../shared/data/real_ct/ts_example_ct``. Each run is one process
+(clean peak-memory figures); runs are interleaved (round r: every input, every system).
+
+* **ours**: the pipeline bundle (``bench_pipeline.worker_ours``): ROI network -> crop -> tumor and
+  organ branches -> blocked back-resampling with arg-max -> ensemble -> cc3d -> write.
+* **nnunet**: nnU-Net v2 2.8.1 in its own environment (``bench/.venv-nnunet``, made by
+  ``bench/nnunet_env.sh``) predicting with a network of our organ model's size, on the whole
+  uncropped volume, through its own reader, preprocessing, sliding window (step 0.8 = ours,
+  Gaussian, mirroring off) and export (``bench/_nnunet_side.py``). One model, as the issue asks
+  (ours runs ROI + two models).
+* **monai**: the Model Zoo's way (``bench_pipeline.worker_monai``): ``LoadImaged`` ->
+  ``Orientationd`` -> ``Spacingd`` -> sliding window on the whole volume -> ``Invertd`` ->
+  arg-max -> ``KeepLargestConnectedComponent`` -> ``SaveImage``, with our organ and tumor networks
+  and weights.
+
+Weights: ours and monai share the same random state dicts (``bench_pipeline._random_ckpts``); nnU-Net's
+network is a different class (``ResidualEncoderUNet``: a stem conv, one residual block per encoder
+stage, two convs per decoder stage) with our widths, kernels and strides, so its weights are its
+own random ones; the parameter counts of both are printed (equal within 1 %).
+
+Then the probability-to-label stage alone: the same smooth random 15-channel float16 logits (the
+dtype nnU-Net's predictor hands its export) on the
+preprocessed grid of each 512 x 512 x SIZE input, given to nnU-Net's
+``convert_predicted_logits_to_segmentation_with_correct_shape`` and to ours
+(:func:`flare23.resample.resample_labels`, as the pipeline calls it), each in its own process,
+interleaved (ours on the device with ``--device cuda``; nnU-Net's export runs on the CPU); the two
+label maps are compared voxel by voxel.
+
+Reported per system and input: median seconds end to end and per stage (read, preprocess, network,
+back to the original grid, post-processing, write, other = set-up and whatever no stage covers),
+peak resident memory (``ru_maxrss``), the memory-time area of the sampled memory (RSS on the CPU,
+the whole device's used memory with ``--device cuda``, plus ``torch.cuda.max_memory_allocated``),
+and the ratios. Writes ``OUT/compare_<device>.json`` and ``OUT/compare_<device>.md`` (the Markdown
+that the README's "Performance" section pastes) and prints the same Markdown.
+
+``--device cuda`` defaults to the paper's widths, sizes 100 and 300 and a time budget of 450 s
+(``--budget_s``): a round that would end past the budget is not started, so the whole run fits a
+lent machine's 8 minutes; the number of runs actually done is in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+NNUNET_PYTHON = BENCH / ".venv-nnunet" / "bin" / "python"
+SYSTEMS = ("ours", "nnunet", "monai")
+LABELS = {"ours": "ours (ROI + organ + tumor)", "nnunet": "nnU-Net v2 (1 model)", "monai": "MONAI Model Zoo way (2 models)"}
+#: Common stage columns; every system's own stages are mapped onto them (:func:`stage_breakdown`).
+STAGES = ("read", "preprocess", "network", "to_original_grid", "postprocess", "write", "other")
+GOAL_SPEEDUP_NNUNET = 3.0
+GOAL_PEAK_RSS_MB_500 = 6 * 1024.0
+GOAL_EXPORT_SPEEDUP = 20.0
+
+
+# --- pure helpers (tested in tests/test_bench_compare.py) -------------------------------------------
+def preprocessed_shape(shape, spacing, target) -> tuple[int, ...]:
+    """Grid after resampling ``shape`` at ``spacing`` to ``target`` spacing: nnU-Net's ``round(shape * spacing / target)``."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def smooth_logits(n_classes: int, shape, seed: int = 0, coarse: int = 8):
+    """Smooth random logits ``(C, *shape)`` float32: seeded coarse noise upsampled trilinearly (torch).
+
+    Smooth like a network's output (class regions tens of voxels wide), deterministic for a seed.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    small = [max(2, -(-int(s) // coarse)) for s in shape]
+    noise = torch.from_numpy(rng.standard_normal((1, n_classes, *small)).astype(np.float32) * 4.0)
+    return F.interpolate(noise, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)[0].contiguous()
+
+
+def stage_breakdown(system: str, stages: dict) -> dict:
+    """Map one run's own stage times onto :data:`STAGES` (+ ``end_to_end``); ``other`` is the remainder.
+
+    * ours (``timings.csv`` of the cascade + read/write timed around ``ReadCased``/``SaveLabeld``):
+      network = roi + tumor_network + organ_network; preprocess = crop + both branches'
+      preprocessing; to_original_grid = both ``*_resample`` + paste; postprocess = ensemble +
+      postprocess.
+    * monai: read = ``LoadImaged`` (twice: once per branch); preprocess = the rest of both
+      preprocessing chains; to_original_grid = both ``Invertd`` + arg-max; postprocess = ensemble +
+      ``KeepLargestConnectedComponent``.
+    * nnunet: read, preprocess, network, to_original_grid, write as timed in ``_nnunet_side.predict``.
+    """
+    g = lambda *keys: sum(float(stages.get(k, 0.0)) for k in keys)  # noqa: E731
+    if system == "ours":
+        out = {
+            "read": g("read"),
+            "preprocess": g("crop", "tumor_preprocess", "organ_preprocess"),
+            "network": g("roi", "tumor_network", "organ_network"),
+            "to_original_grid": g("tumor_resample", "organ_resample", "paste"),
+            "postprocess": g("ensemble", "postprocess"),
+            "write": g("write"),
+        }
+    elif system == "monai":
+        out = {
+            "read": g("read"),
+            "preprocess": g("tumor_preprocess", "organ_preprocess") - g("read"),
+            "network": g("tumor_network", "organ_network"),
+            "to_original_grid": g("tumor_invert_argmax", "organ_invert_argmax"),
+            "postprocess": g("ensemble_postprocess"),
+            "write": g("write"),
+        }
+    elif system == "nnunet":
+        out = {k: g(k) for k in ("read", "preprocess", "network", "to_original_grid")}
+        out.update(postprocess=0.0, write=g("write"))
+    else:
+        raise ValueError(f"unknown system {system!r}")
+    end = float(stages["end_to_end_s"])
+    out["other"] = max(0.0, end - sum(out.values()))
+    out["end_to_end"] = end
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over runs of every stage column, peak RSS and the memory fields present in all runs."""
+    keys = [k for k in (*STAGES, "end_to_end") if all(k in r["breakdown"] for r in runs)]
+    med = {k: statistics.median(r["breakdown"][k] for r in runs) for k in keys}
+    for k in ("peak_rss_mb", "auc_mb_s", "peak_sampled_mb", "peak_torch_mb"):
+        vals = [r.get(k) for r in runs]
+        if vals and all(v is not None for v in vals):
+            med[k] = statistics.median(vals)
+    med["runs"] = len(runs)
+    med["end_to_end_runs"] = [round(r["breakdown"]["end_to_end"], 2) for r in runs]
+    return med
+
+
+def _f(v, nd=1) -> str:
+    return "" if v is None else f"{v:.{nd}f}"
+
+
+def _x(v) -> str:
+    return "not run" if v is None else f"{v:.2f}x"
+
+
+def markdown(result: dict) -> str:
+    """The Markdown tables of a result dict (what the README's "Performance" section pastes)."""
+    meta, summary = result["meta"], result["summary"]
+    cuda = meta["device"] == "cuda"
+    lines = [
+        f"Hardware: {meta['hardware']}. Device: {meta['device']}. Widths {meta['filters']} for all systems "
+        f"(organ network: ours {meta['params']['ours_organ']:,} parameters, nnU-Net {meta['params']['nnunet']:,} "
+        f"[{meta['params']['nnunet_network']}]). Median of the runs shown (interleaved, one process each).",
+        "",
+        "| input | system | runs | end to end s | read | preprocess | network | to original grid | post | write | other"
+        f" | peak RSS MB |{' peak device MB | device MB s |' if cuda else ''}",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""),
+    ]
+    for case, systems in summary.items():
+        for system, m in systems.items():
+            row = [case, LABELS.get(system, system), str(m["runs"]), _f(m["end_to_end"])]
+            row += [_f(m.get(s)) for s in STAGES]
+            row.append(_f(m.get("peak_rss_mb"), 0))
+            if cuda:
+                row += [_f(m.get("peak_sampled_mb"), 0), _f(m.get("auc_mb_s"), 0)]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| input | nnU-Net / ours (time) | MONAI / ours (time) | ours / nnU-Net (peak RSS) | ours / MONAI (peak RSS) |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for case, r in result["ratios"].items():
+        lines.append(
+            f"| {case} | {_x(r.get('speedup_vs_nnunet'))} | {_x(r.get('speedup_vs_monai'))} | "
+            f"{_f(r.get('rss_vs_nnunet'), 2)} | {_f(r.get('rss_vs_monai'), 2)} |"
+        )
+    if result.get("export"):
+        lines += ["", "Probability-to-label stage alone (same 15-channel float16 logits on the preprocessed grid, "
+                  "back to the 512 x 512 x N grid, arg-max):", "",
+                  "| input | logits grid (z, y, x) | runs | nnU-Net export s | ours s | speed-up | peak RSS nnU-Net / ours MB | labels equal |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for case, e in result["export"].items():
+            lines.append(
+                f"| {case} | {' x '.join(map(str, e['grid_zyx']))} | {e['runs']} | {_f(e['nnunet_s'], 2)} | {_f(e['ours_s'], 2)} | "
+                f"{_f(e['speedup'], 1)}x | {_f(e['nnunet_rss_mb'], 0)} / {_f(e['ours_rss_mb'], 0)} | {_f(100 * e['agreement'], 2)} % |"
+            )
+    if result.get("goals"):
+        lines += ["", "Goals:"] + [f"- {g}" for g in result["goals"]]
+    lines += ["", f"Command: `{meta['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(summary: dict) -> dict:
+    out = {}
+    for case, s in summary.items():
+        r = {}
+        if "ours" in s:
+            for other in ("nnunet", "monai"):
+                if other in s:
+                    r[f"speedup_vs_{other}"] = s[other]["end_to_end"] / s["ours"]["end_to_end"]
+                    r[f"rss_vs_{other}"] = s["ours"]["peak_rss_mb"] / s[other]["peak_rss_mb"]
+        out[case] = r
+    return out
+
+
+def goals(result: dict) -> list[str]:
+    """The issue's goals (CPU machine), each stated as met or missed with the figures."""
+    if result["meta"]["device"] != "cpu":
+        return []
+    lines = []
+    for case, r in result["ratios"].items():
+        if "speedup_vs_nnunet" in r:
+            ok = r["speedup_vs_nnunet"] >= GOAL_SPEEDUP_NNUNET
+            lines.append(f"{case}: end to end, nnU-Net v2 time / ours = {r['speedup_vs_nnunet']:.2f}x (goal >= {GOAL_SPEEDUP_NNUNET:g}x): "
+                         f"{'met' if ok else 'MISSED'}")  # fmt: skip
+    for case, s in result["summary"].items():
+        if case.endswith("x 500") and "ours" in s:
+            rss = s["ours"]["peak_rss_mb"]
+            lines.append(
+                f"{case}: our peak RSS {rss / 1024:.2f} GB (goal <= 6 GB): {'met' if rss <= GOAL_PEAK_RSS_MB_500 else 'MISSED'}"
+            )
+    for case, e in (result.get("export") or {}).items():
+        ok = e["speedup"] >= GOAL_EXPORT_SPEEDUP
+        lines.append(f"{case}: probability-to-label {e['speedup']:.1f}x faster than nnU-Net's export (goal >= {GOAL_EXPORT_SPEEDUP:g}x): "
+                     f"{'met' if ok else 'MISSED'}")  # fmt: skip
+    return lines
+
+
+def measured(fn, device: str = "cpu", interval: float = 0.1) -> tuple[object, dict]:
+    """Run ``fn()`` under :class:`flare23.efficiency.EfficiencyMonitor`; returns its result and the memory fields."""
+    from flare23.efficiency import EfficiencyMonitor
+
+    monitor = EfficiencyMonitor(device=device, interval=interval)
+    with monitor:
+        result = fn()
+    return result, {"auc_mb_s": monitor.auc_mb_s, "peak_sampled_mb": monitor.peak_mb, "peak_torch_mb": monitor.peak_torch_mb}
+
+
+# --- workers (one process each) ----------------------------------------------------------------------
+def _timed_method(cls, name: str, times: dict, key: str) -> None:
+    """Accumulate the wall time of ``cls.name`` calls into ``times[key]`` (this process only)."""
+    original = getattr(cls, name)
+
+    def wrapper(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *a, **k)
+        finally:
+            times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
+    setattr(cls, name, wrapper)
+
+
+def worker_project(args) -> dict:
+    """ours or monai, via ``bench_pipeline``'s workers, with read / write timed and memory sampled."""
+    import bench_pipeline
+
+    extra: dict[str, float] = {}
+    if args.system == "ours":
+        import flare23.inference as inf
+        import flare23.roi as roi_lib
+
+        _timed_method(inf.ReadCased, "__call__", extra, "read")
+        _timed_method(inf.SaveLabeld, "__call__", extra, "write")
+        boxes = []
+        locate = roi_lib.locate
+
+        def recording_locate(*a, **k):
+            box = locate(*a, **k)
+            boxes.append(box)
+            return box
+
+        roi_lib.locate = recording_locate
+        result, memory = measured(lambda: bench_pipeline.worker_ours(args), args.device)
+        result["stages"].update(extra)
+        if boxes and boxes[0] is not None:
+            b = boxes[0]
+            crop = 1.0
+            for lo, hi, n in zip(b.start, b.stop, b.shape):
+                crop *= (hi - lo) / n
+            result["crop_fraction"] = crop
+    else:
+        from monai.transforms import LoadImaged
+
+        _timed_method(LoadImaged, "__call__", extra, "read")
+        result, memory = measured(lambda: bench_pipeline.worker_monai(args), args.device)
+        result["stages"].update(extra)
+    result.update(memory)
+    return result
+
+
+def worker_export_ours(args) -> dict:
+    """Ours on the shared logits: :func:`flare23.resample.resample_labels` as the pipeline calls it."""
+    import numpy as np
+    import torch
+
+    from flare23.resample import DEFAULT_BLOCK, resample_labels
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    geometry = json.loads((work / "geometry.json").read_text())
+    # the pipeline's arrays are RAS (x, y, z): the same logits in that order, contiguous as the pipeline has them
+    logits = torch.from_numpy(np.load(work / "logits.npy")).permute(0, 3, 2, 1).contiguous()
+    out_xyz = tuple(reversed([int(v) for v in geometry["shape_zyx"]]))
+    device = torch.device(getattr(args, "device", "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:  # the pipeline's probabilities are already on the device: the copy is not timed
+        logits = logits.to(device)
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    labels = resample_labels(logits, out_xyz, block=DEFAULT_BLOCK, axis=2, out_device="cpu")
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    np.save(work / "labels_ours.npy", labels.numpy().transpose(2, 1, 0))
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --- driver ----------------------------------------------------------------------------------------
+def _run(cmd: list[str], what: str, env: dict | None = None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        from flare23.errors import Flare23Error
+
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(proc.stderr[-4000:], file=sys.stderr)
+        raise Flare23Error(f"{what} failed (exit {proc.returncode}): {tail[0]}")
+    return json.loads(line[-1][7:])
+
+
+def _nnunet_env(threads: int) -> dict:
+    return {"nnUNet_def_n_proc": str(threads), "nnUNet_raw": "", "nnUNet_preprocessed": "", "nnUNet_results": ""}
+
+
+def _prepare_inputs(work: Path, args) -> dict[str, Path]:
+    """One folder per input with ``in/<name>_0000.nii.gz``, ``oracle_box.json`` and the shared checkpoints."""
+    import nibabel as nib
+    from bench_pipeline import _random_ckpts, prepare
+
+    from flare23.io import load_nifti
+    from flare23.roi import roi_box
+
+    cases: dict[str, Path] = {}
+    for n in args.sizes:
+        d = work / f"phantom_{n}"
+        if not (d / "in").is_dir():
+            print(f"preparing a 512 x 512 x {n} phantom ...", flush=True)
+            prepare(d, n, args.seed, args.filters)  # also writes organ.pt / tumor.pt / roi.pt (same seed: identical)
+        cases[f"512 x 512 x {n}"] = d
+    if args.real:
+        src = Path(args.real_ct)
+        d = work / "real_ct"
+        (d / "in").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "ct.nii.gz", d / "in" / "real_0000.nii.gz")
+        label, affine, _ = load_nifti(src / "label_flare.nii.gz")
+        organs = (label > 0) & (label < 14)
+        box = roi_box(organs, (1, 1, 1), organs.shape, affine)
+        (d / "oracle_box.json").write_text(json.dumps({"start": box.start, "stop": box.stop, "shape": list(organs.shape)}))
+        _random_ckpts(d, args.filters)
+        first = next(iter(cases.values()), None)
+        if first is not None:
+            shutil.copyfile(first / "roi.pt", d / "roi.pt")
+        else:
+            import torch
+            from bench_pipeline import BUNDLES
+
+            from flare23.bundles import SubBundle
+
+            torch.save(SubBundle(BUNDLES / "roi_extractor", "inference.json").network().state_dict(), str(d / "roi.pt"))
+        shape = nib.load(str(d / "in" / "real_0000.nii.gz")).shape
+        cases[f"real CT {' x '.join(map(str, shape))}"] = d
+    return cases
+
+
+def _hardware(threads: int) -> str:
+    import re
+
+    from bench_pipeline import _hardware as hw
+
+    # bench_pipeline reports the driver's torch threads; every worker here runs with --threads
+    text = re.sub(r"\(\d+ threads\)", f"({threads} thread{'s' if threads != 1 else ''} per run)", hw())
+    load = ""
+    try:
+        load = f", load average {os.getloadavg()[0]:.1f} at the start"
+    except OSError:
+        pass
+    return text + load
+
+
+def _export_inputs(case_dir: Path, out: Path, seed: int) -> dict:
+    """Logits on the organ model's preprocessed grid of the case in ``case_dir`` (nnU-Net's z, y, x order)."""
+    import nibabel as nib
+    import numpy as np
+
+    from flare23.constants import NUM_CLASSES, ORGAN_SPACING_ZYX
+
+    img = nib.load(str(next((case_dir / "in").iterdir())))
+    spacing_xyz = [float(v) for v in img.header.get_zooms()[:3]]
+    shape_zyx = list(reversed(img.shape[:3]))
+    spacing_zyx = list(reversed(spacing_xyz))
+    grid = preprocessed_shape(shape_zyx, spacing_zyx, ORGAN_SPACING_ZYX)
+    out.mkdir(parents=True, exist_ok=True)
+    # float16: what nnU-Net's predictor hands its export (its logits accumulate in half precision)
+    np.save(out / "logits.npy", smooth_logits(NUM_CLASSES, grid, seed).half().numpy())
+    (out / "geometry.json").write_text(json.dumps({"shape_zyx": shape_zyx, "spacing_zyx": spacing_zyx}))
+    return {"grid_zyx": list(grid)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default=None, help="phantom slice counts (default 100,300,500; cuda: 100,300)")
+    p.add_argument("--real", action=argparse.BooleanOptionalAction, default=True, help="also the real CT of ../shared")
+    p.add_argument("--real_ct", default=str(ROOT.parent / "shared" / "data" / "real_ct" / "ts_example_ct"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--filters", default=None, help="widths of the 6 stages (default cpu: 4,8,16,16,16,16; cuda: the paper's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--roi", choices=("model", "oracle"), default="model")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--arch", choices=("resenc", "plain"), default="resenc", help="nnU-Net network class")
+    p.add_argument(
+        "--monai_max_slices",
+        type=int,
+        default=300,
+        help="skip the Model Zoo way above this (its 15-channel Invertd needs ~16 GB at 500)",
+    )
+    p.add_argument("--export_sizes", default=None, help="sizes for the probability-to-label stage (default: --sizes)")
+    p.add_argument("--export_repeats", type=int, default=3)
+    p.add_argument("--budget_s", type=float, default=None, help="stop starting rounds past this (default cpu: none; cuda: 450)")
+    p.add_argument("--nnunet_python", default=str(NNUNET_PYTHON))
+    p.add_argument("--work", default=None)
+    p.add_argument("--out", default=str(BENCH / "results"))
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--system", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.filters is None:
+        from flare23.constants import FILTERS
+
+        args.filters = ",".join(map(str, FILTERS)) if cuda else "4,8,16,16,16,16"
+    args.filters = [int(v) for v in str(args.filters).split(",")]
+    if args._worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = worker_project(args) if args._worker == "project" else worker_export_ours(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    _drive(args, cuda)
+
+
+def _drive(args, cuda: bool) -> None:
+    from flare23.errors import Flare23Error
+    from flare23.io import atomic_write_json, atomic_write_text
+
+    t_begin = time.perf_counter()
+    args.sizes = [int(v) for v in str(args.sizes or ("100,300" if cuda else "100,300,500")).split(",") if v]
+    export_sizes = [int(v) for v in str(args.export_sizes).split(",") if v] if args.export_sizes else list(args.sizes)
+    budget = args.budget_s if args.budget_s is not None else (450.0 if cuda else 0.0)
+    systems = [s for s in args.systems.split(",") if s]
+    bad = [s for s in systems if s not in SYSTEMS]
+    if bad:
+        raise Flare23Error(f"--systems: unknown {', '.join(bad)} (choose from {', '.join(SYSTEMS)})")
+    nn_py = Path(args.nnunet_python)
+    if ("nnunet" in systems or export_sizes) and not nn_py.is_file():
+        raise Flare23Error(f"{nn_py}: nnU-Net's environment not found; create it with `bash bench/nnunet_env.sh`")
+    if args.real and not (Path(args.real_ct) / "ct.nii.gz").is_file():
+        raise Flare23Error(f"{Path(args.real_ct) / 'ct.nii.gz'}: real CT not found (pass --no-real or --real_ct DIR)")
+    work = Path(args.work or tempfile.mkdtemp(prefix="flare23-compare-"))
+    work.mkdir(parents=True, exist_ok=True)
+    filters = ",".join(map(str, args.filters))
+    nenv = _nnunet_env(args.threads)
+
+    # networks: parameter counts of both organ networks, nnU-Net's model folder
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from bench_pipeline import BUNDLES
+
+    from flare23.bundles import SubBundle
+
+    ours_params = sum(
+        p.numel()
+        for p in SubBundle(BUNDLES / "organ_seg", "inference.json", {"network_def#filters": args.filters}).network().parameters()
+    )
+    model = work / "nnunet_model"
+    params = {"ours_organ": ours_params, "nnunet": None, "nnunet_network": None}
+    if nn_py.is_file():
+        built = _run([str(nn_py), str(BENCH / "_nnunet_side.py"), "build", "--model", str(model), "--filters", filters, "--arch", args.arch],
+                     "nnU-Net model build", nenv)  # fmt: skip
+        params.update(nnunet=built["parameters"], nnunet_network=built["network"])
+    print(f"organ network parameters: ours {ours_params:,}, nnU-Net {params['nnunet']} ({params['nnunet_network']})", flush=True)
+
+    cases = _prepare_inputs(work, args)
+    runs: dict[str, dict[str, list]] = {c: {s: [] for s in systems} for c in cases}
+    round_times: list[float] = []
+    for r in range(args.repeats):
+        if budget and round_times and time.perf_counter() - t_begin + max(round_times) > budget:
+            print(f"budget {budget:.0f} s: stopping after {r} round(s)", flush=True)
+            break
+        t_round = time.perf_counter()
+        for case, d in cases.items():
+            for system in systems:
+                if system == "monai" and case.startswith("512 x 512 x ") and int(case.split()[-1]) > args.monai_max_slices:
+                    continue
+                if system == "nnunet":
+                    out = d / "out_nnunet"
+                    out.mkdir(exist_ok=True)
+                    cmd = [str(nn_py), str(BENCH / "_nnunet_side.py"), "predict", "--model", str(model), "--image",
+                           str(next((d / "in").iterdir())), "--out", str(out / "seg.nii.gz"), "--device", args.device,
+                           "--threads", str(args.threads)]  # fmt: skip
+                    res = _run(cmd, f"nnunet on {case}", nenv)
+                else:
+                    cmd = [sys.executable, __file__, "--_worker", "project", "--system", system, "--work", str(d), "--filters", filters,
+                           "--device", args.device, "--precision", args.precision, "--threads", str(args.threads), "--roi", args.roi]  # fmt: skip
+                    res = _run(cmd, f"{system} on {case}")
+                res["breakdown"] = stage_breakdown(system, res["stages"])
+                runs[case][system].append(res)
+                print(
+                    f"round {r + 1} {case} {system}: {res['breakdown']['end_to_end']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+        round_times.append(time.perf_counter() - t_round)
+
+    summary = {c: {s: summarize(v) for s, v in sv.items() if v} for c, sv in runs.items()}
+    crop = {c: sv["ours"][0].get("crop_fraction") for c, sv in runs.items() if sv.get("ours")}
+
+    export: dict[str, dict] = {}
+    export_cases = {c: d for c, d in cases.items() if any(c == f"512 x 512 x {n}" for n in export_sizes)}
+    for case, d in export_cases.items():
+        if budget and time.perf_counter() - t_begin > budget:
+            print(f"budget {budget:.0f} s: probability-to-label stage skipped for {case}", flush=True)
+            continue
+        ed = d / "export"
+        info = _export_inputs(d, ed, args.seed)
+        res = {"nnunet": [], "ours": []}
+        for _ in range(args.export_repeats):
+            res["nnunet"].append(_run([str(nn_py), str(BENCH / "_nnunet_side.py"), "export", "--model", str(model), "--work", str(ed),
+                                       "--threads", str(args.threads)], f"nnU-Net export on {case}", nenv))  # fmt: skip
+            res["ours"].append(_run([sys.executable, __file__, "--_worker", "export", "--work", str(ed), "--threads", str(args.threads),
+                                     "--device", args.device],
+                                    f"our export on {case}"))  # fmt: skip
+        import numpy as np
+
+        agreement = float((np.load(ed / "labels_nnunet.npy") == np.load(ed / "labels_ours.npy")).mean())
+        e = {k: statistics.median(x["seconds"] for x in v) for k, v in res.items()}
+        export[case] = {
+            **info,
+            "runs": args.export_repeats,
+            "nnunet_s": e["nnunet"],
+            "ours_s": e["ours"],
+            "speedup": e["nnunet"] / e["ours"],
+            "nnunet_rss_mb": statistics.median(x["peak_rss_mb"] for x in res["nnunet"]),
+            "ours_rss_mb": statistics.median(x["peak_rss_mb"] for x in res["ours"]),
+            "agreement": agreement,
+        }
+        (ed / "logits.npy").unlink(missing_ok=True)
+        print(
+            f"{case}: probability-to-label nnU-Net {e['nnunet']:.2f} s, ours {e['ours']:.2f} s, labels equal {100 * agreement:.2f} %",
+            flush=True,
+        )
+
+    command = "python bench/bench_compare.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python bench/bench_compare.py"
+    result = {
+        "meta": {
+            "hardware": _hardware(args.threads),
+            "device": "cuda" if cuda else "cpu",
+            "filters": args.filters,
+            "params": params,
+            "threads": args.threads,
+            "roi": args.roi,
+            "repeats_requested": args.repeats,
+            "nnunet": {"version": "2.8.1", "arch": args.arch, "tile_step_size": 0.8, "mirroring": False},
+            "crop_fraction_ours": crop,
+            "wall_s": None,
+            "command": command,
+        },
+        "summary": summary,
+        "ratios": ratios(summary),
+        "export": export,
+        "runs": {
+            c: {s: [{k: v for k, v in r.items() if k != "breakdown"} for r in v] for s, v in sv.items()} for c, sv in runs.items()
+        },
+    }
+    result["goals"] = goals(result)
+    result["meta"]["wall_s"] = time.perf_counter() - t_begin
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if cuda else "cpu"
+    atomic_write_json(out / f"compare_{tag}.json", result)
+    text = markdown(result)
+    atomic_write_text(out / f"compare_{tag}.md", text)
+    print("\n" + text)
+    print(f"wrote {out / f'compare_{tag}.json'} and {out / f'compare_{tag}.md'} ({result['meta']['wall_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:  # one line for user errors
+        from flare23.errors import Flare23Error
+
+        if isinstance(exc, Flare23Error):
+            sys.exit(f"bench_compare: error: {exc}")
+        raise

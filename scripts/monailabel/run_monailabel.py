@@ -1,0 +1,554 @@
+#!/usr/bin/env python3
+"""Serve the four flare23 bundles with MONAI Label's ``monaibundle`` app and check one inference per bundle.
+
+MONAI Label 0.8.5 needs numpy < 2 (through pydicom-seg), so it lives in its own virtual environment,
+made from the pinned ``requirements.txt`` beside this file. The script, in order:
+
+1. makes the environment (or reuses it when its stamp matches the pinned file), with the
+   ``flare23`` package installed editable from this repository (``--no-deps``);
+2. re-runs itself with that environment's Python for the rest;
+3. lays out a work folder as MONAI Label expects: ``apps/monaibundle`` (the sample app shipped in the
+   monailabel wheel, copied by ``monailabel apps --download``, no network), with
+   ``apps/monaibundle/model/<bundle>`` for ``roi_extractor``, ``organ_seg``, ``tumor_seg`` and
+   ``pipeline`` (copies of ``bundles/``: the repository's bundles are never written to), and
+   ``studies/`` with the CT;
+4. gives every copied bundle a ``models/model.pt``: random weights from a fixed seed (no trained
+   weights in CI) with narrow networks (``--widths tiny``, so that CPU inference takes seconds), or
+   the repository's trained ``bundles/*/models/model.pt`` (``--weights repo --widths full``); the
+   pipeline's combined checkpoint is packed from the three with ``flare23 pack``;
+5. starts ``monailabel start_server`` on 127.0.0.1 and a free port, waits until ``/info/`` answers,
+   checks that the four models are listed with the label names of their ``metadata.json``,
+6. sends one inference request per bundle on the CT (MONAI Label's own client) and checks each
+   answer: a label volume of the input's shape, labels among the bundle's ids, named labels;
+7. stops the server and writes ``monailabel.log`` (human-readable) and ``summary.json``.
+
+It exits 0 only when every check passed. Everything stays on 127.0.0.1.
+
+Usage (from the repository root)::
+
+    python scripts/monailabel/run_monailabel.py --work /tmp/flare23-monailabel
+
+See ``docs/monailabel.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+REQUIREMENTS = HERE / "requirements.txt"
+BUNDLES = ("roi_extractor", "organ_seg", "tumor_seg", "pipeline")
+SUB_BUNDLES = BUNDLES[:3]
+#: Outside the repository, so that a fresh clone (CI) on the same machine reuses it.
+DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flare23" / "monailabel-venv"
+DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "real_ct" / "ts_example_ct" / "ct.nii.gz"
+ENV_VAR_VENV = "FLARE23_MONAILABEL_VENV"
+MARKER = ".flare23-monailabel-env"  # written first: this folder is ours and may be remade
+STAMP = ".flare23-monailabel-stamp"  # written last: the environment is complete for this pin set
+REPO_FILE = ".flare23-monailabel-repo"  # the repository that the editable flare23 install points at
+INSIDE_FLAG = "--_inside-env"
+#: Narrow widths for ``--widths tiny`` (same number of stages as the real networks, so the
+#: strides, patch sizes and every other part of the configs stay as they are).
+TINY_FILTERS = {
+    "roi_extractor": [4, 8, 8, 16, 16],
+    "organ_seg": [4, 8, 8, 16, 16, 16],
+    "tumor_seg": [4, 8, 8, 16, 16, 16],
+}
+SEED = 20230
+#: The ``monailabel`` command, run with this Python (the installed ``bin/monailabel`` is a bash
+#: wrapper that runs whichever ``python`` is first on PATH, and passes ``$*`` unquoted).
+MONAILABEL = [sys.executable, "-m", "monailabel.main"]
+
+
+class RunError(Exception):
+    """A failed step: printed as one line, exit status 1."""
+
+
+class Log:
+    """Lines to stdout and to ``monailabel.log`` (appended, flushed at once)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+# --- 1. the environment (standard library only: runs with any Python 3.10+) -------------------
+def base_python(python: str) -> str:
+    """The interpreter behind ``python`` (a virtual environment's Python resolves to its base), with its version."""
+    probe = "import sys; print(getattr(sys, '_base_executable', sys.executable)); print(sys.version.split()[0])"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    return f"{Path(out[0]).resolve()} {out[1]}"
+
+
+def pin_digest(python: str) -> str:
+    """What the environment is made from: the pinned file and the base interpreter (not the repository path)."""
+    h = hashlib.sha256(REQUIREMENTS.read_bytes())
+    h.update(base_python(python).encode())
+    return h.hexdigest()
+
+
+def ensure_env(venv: Path, log: Log, python: str) -> dict:
+    """Make (or reuse) the MONAI Label environment at ``venv``; returns how long it took and whether it was reused.
+
+    The environment is reused while its stamp matches the pins and the interpreter; only the
+    editable ``flare23`` install is re-pointed when this repository lives elsewhere (a fresh clone
+    in CI reuses the environment that an earlier run made).
+    """
+    venv = venv.expanduser().resolve()
+    vpy = venv / "bin" / "python"
+    digest = pin_digest(python)
+    stamp = venv / STAMP
+    # --no-compile: no byte-compiling of the ~8 GB install (Python compiles what it imports, once)
+    pip = [str(vpy), "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-input", "--no-compile"]
+    editable = [*pip, "--no-deps", "-e", str(REPO)]
+    if vpy.exists() and stamp.is_file() and stamp.read_text().strip() == digest:
+        start = time.monotonic()
+        if (venv / REPO_FILE).is_file() and (venv / REPO_FILE).read_text().strip() == str(REPO):
+            log(f"env: reusing {venv} (pins unchanged)")
+        else:
+            _run_logged(editable, log, f"pip install -e {REPO} --no-deps (re-pointing flare23)")
+            (venv / REPO_FILE).write_text(f"{REPO}\n")
+        return {"venv": str(venv), "reused": True, "seconds": round(time.monotonic() - start, 1)}
+    if venv.exists():
+        if not (venv / MARKER).is_file():
+            raise RunError(f"{venv}: exists and was not made by this script; remove it or pass another --venv")
+        log(f"env: {venv} is stale or incomplete: making it again")
+        shutil.rmtree(venv)
+    start = time.monotonic()
+    log(f"env: creating {venv} with {python} from {REQUIREMENTS.relative_to(REPO)}")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    (venv / MARKER).write_text("made by scripts/monailabel/run_monailabel.py\n")
+    # Every package is pinned in requirements.txt (torch included, so that no resolver can pull
+    # another torch build); --no-deps installs exactly that set.
+    _run_logged([*pip, "--no-deps", "-r", str(REQUIREMENTS)], log, "pip install -r requirements.txt")
+    _run_logged(editable, log, f"pip install -e {REPO} --no-deps")
+    (venv / REPO_FILE).write_text(f"{REPO}\n")
+    stamp.write_text(digest + "\n")
+    seconds = time.monotonic() - start
+    log(f"env: created in {seconds:.0f} s")
+    return {"venv": str(venv), "reused": False, "seconds": round(seconds, 1)}
+
+
+def _run_logged(cmd: list[str], log: Log, what: str) -> None:
+    start = time.monotonic()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(line for line in proc.stdout.splitlines() if "is ignored" not in line)[-3000:]
+        log(f"env: {what} failed:\n{tail}")
+        raise RunError(f"{what} failed (exit {proc.returncode}); see the log")
+    log(f"env: {what}: {time.monotonic() - start:.0f} s")
+
+
+# --- 3. the app layout (inside the environment) -----------------------------------------------
+def lay_out(work: Path, image: Path, widths: str, crop: list[int] | None, log: Log) -> tuple[Path, Path, str]:
+    """``work/apps/monaibundle`` with ``model/<bundle>`` copies, and ``work/studies/<case>.nii.gz``."""
+    apps = work / "apps"
+    app = apps / "monaibundle"
+    if app.exists():
+        shutil.rmtree(app)
+    # `monailabel apps --download --name monaibundle --output <apps>`, in this process (the command
+    # would import MONAI Label once more): it copies the sample app shipped in the wheel, no network.
+    from monailabel.main import Main
+
+    try:
+        Main().action_apps(argparse.Namespace(download=True, name="monaibundle", output=str(apps), prefix=None))
+    except SystemExit as exc:
+        raise RunError(f"monailabel apps --download --name monaibundle failed (exit {exc.code})") from None
+    if not (app / "main.py").is_file():
+        raise RunError(f"monailabel apps --download --name monaibundle left no {app / 'main.py'}")
+    log(f"layout: sample app monaibundle copied from the monailabel package to {app}")
+    model_dir = app / "model"
+    for name in BUNDLES:
+        src = REPO / "bundles" / name
+        dst = model_dir / name
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("models", "runs", "eval", "__pycache__", "*.pt"))
+        (dst / "models").mkdir()
+    if widths == "tiny":
+        for name, filters in TINY_FILTERS.items():
+            path = model_dir / name / "configs" / "inference.json"
+            config = json.loads(path.read_text())
+            config["network_def"]["filters"] = filters
+            path.write_text(json.dumps(config, indent=4) + "\n")
+        log(f"layout: tiny widths in the copies' inference.json network_def#filters: {TINY_FILTERS}")
+    studies = work / "studies"
+    if studies.exists():
+        shutil.rmtree(studies)
+    studies.mkdir(parents=True)
+    image_id = "flare23_ct"
+    study = studies / f"{image_id}.nii.gz"
+    if crop:
+        import nibabel as nib
+
+        img = nib.load(str(image))
+        box = tuple(slice(max(0, (n - c) // 2), max(0, (n - c) // 2) + min(n, c)) for n, c in zip(img.shape[:3], crop))
+        sub = img.slicer[box]  # nibabel shifts the affine's origin: the crop keeps its place in space
+        nib.save(sub, str(study))
+        log(f"layout: study {image_id} <- central crop {tuple(sub.shape)} of {image} {tuple(img.shape)}")
+    elif image.name.endswith(".nii.gz"):
+        shutil.copy2(image, study)
+        log(f"layout: study {image_id} <- {image}")
+    else:
+        import nibabel as nib
+
+        nib.save(nib.load(str(image)), str(study))
+        log(f"layout: study {image_id} <- {image} (as .nii.gz)")
+    return app, studies, image_id
+
+
+def make_weights(model_dir: Path, weights: str, log: Log) -> None:
+    """``models/model.pt`` for each sub-bundle (random, seeded, or the repository's), then the pipeline's packed one."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    for i, name in enumerate(SUB_BUNDLES):
+        bundle = model_dir / name
+        target = bundle / "models" / "model.pt"
+        if weights == "repo":
+            source = REPO / "bundles" / name / "models" / "model.pt"
+            if not source.is_file():
+                raise RunError(f"{source}: no trained weights (train the bundle first, or use --weights random)")
+            shutil.copy2(source, target)
+            log(f"weights: {name}: copied {source}")
+            continue
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser["bundle_root"] = str(bundle)  # as MONAI Label sets it
+        torch.manual_seed(SEED + i)
+        network = parser.get_parsed_content("network_def")
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, str(target))
+        count = sum(p.numel() for p in network.parameters())
+        log(
+            f"weights: {name}: RANDOM ({type(network).__name__}, {count} parameters, seed {SEED + i}) -> {target.relative_to(model_dir)}"
+        )
+    # `flare23 pack --bundles_dir <model_dir>`, in this process
+    from flare23.segment import pack_cli
+
+    pack_cli(bundles_dir=str(model_dir))
+    packed = model_dir / "pipeline" / "models" / "model.pt"
+    if not packed.is_file():
+        raise RunError(f"flare23 pack wrote no {packed}")
+    log(f"weights: pipeline: the three sub-bundles' model.pt packed by 'flare23 pack' -> {packed.relative_to(model_dir)}")
+
+
+# --- 5-6. the server and the checks ------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expected_labels(bundle: Path) -> dict[str, int]:
+    """Label names -> ids as MONAI Label derives them: ``channel_def`` of ``pred``, lower-cased, no background."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    channel_def = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
+    return {v.lower(): int(k) for k, v in channel_def.items() if v.lower() != "background"}
+
+
+def start_server(app: Path, studies: Path, work: Path, port: int, trainers: bool, log: Log) -> tuple[subprocess.Popen, Path]:
+    cmd = [
+        *MONAILABEL, "start_server",
+        "--app", str(app),
+        "--studies", str(studies),
+        "--conf", "models", ",".join(BUNDLES),
+        "--conf", "zoo_source", "github",  # local bundles only: no Model Zoo download
+        "--conf", "sam2", "false",
+        "--conf", "skip_trainers", "false" if trainers else "true",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    server_log = work / "server.log"
+    log(f"server: monailabel {' '.join(cmd[3:])}")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    fh = open(server_log, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, cwd=str(work), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc._flare23_log = fh  # type: ignore[attr-defined]
+    return proc, server_log
+
+
+def stop_server(proc: subprocess.Popen, log: Log) -> None:
+    """SIGTERM to the server's own process group (started by us with a new session), then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    proc._flare23_log.close()  # type: ignore[attr-defined]
+    log(f"server: stopped (exit {proc.returncode})")
+
+
+def wait_ready(client, proc: subprocess.Popen, server_log: Path, timeout: float, log: Log) -> tuple[dict, float]:
+    start = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            tail = server_log.read_text(errors="replace")[-3000:]
+            log(f"server: exited with {proc.returncode} before answering; its log ends with:\n{tail}")
+            raise RunError(f"monailabel start_server exited with {proc.returncode}; see {server_log}")
+        try:
+            return client.info(), time.monotonic() - start
+        except (ConnectionError, OSError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - the server answers but not yet with 200
+            if "Status" not in str(exc):
+                raise
+        if time.monotonic() - start > timeout:
+            raise RunError(f"the server did not answer /info/ within {timeout:.0f} s; see {server_log}")
+        time.sleep(1.0)
+
+
+def loaded_lines(server_log: Path) -> list[str]:
+    """The server's own log lines that show each bundle's inferer being added."""
+    keep = ("+++ Adding Bundle from Local", "+++ Adding Inferer::", "+++ Adding Trainer::", "+++ Using Bundle Models")
+    return [line.strip() for line in server_log.read_text(errors="replace").splitlines() if any(k in line for k in keep)]
+
+
+def last_error(server_log: Path, wait: float = 10.0) -> str:
+    """The last exception line of the server's log (``SomeError: message``); the traceback may come just after the answer."""
+    deadline = time.monotonic() + wait
+    while True:
+        lines = server_log.read_text(errors="replace").splitlines()
+        errors = [line.strip() for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", line)]
+        if errors:
+            return errors[-1]
+        if time.monotonic() > deadline:
+            return "no exception in its log"
+        time.sleep(0.5)
+
+
+def check_info(info: dict, model_dir: Path, log: Log) -> dict:
+    models = info.get("models", {})
+    result = {}
+    for name in BUNDLES:
+        if name not in models:
+            raise RunError(f"/info/ does not list {name} (listed: {sorted(models)}); the server log says why")
+        want = expected_labels(model_dir / name)
+        got = {str(k): int(v) for k, v in models[name].get("labels", {}).items()}
+        if got != want:
+            raise RunError(f"/info/ {name}: labels {got} differ from its metadata.json channel_def {want}")
+        result[name] = {"labels": got, "type": models[name].get("type"), "version": models[name].get("version")}
+        log(
+            f"loaded {name}: type {models[name].get('type')}, version {models[name].get('version')}, {len(got)} named labels: {got}"
+        )
+    return result
+
+
+def check_answer(name: str, label_file: str | None, params: dict, image: Path, model_dir: Path, seconds: float, log: Log) -> dict:
+    import nibabel as nib
+    import numpy as np
+
+    if not label_file or not Path(label_file).is_file():
+        raise RunError(f"inference {name}: the answer has no label file (params: {params})")
+    ref = nib.load(str(image))
+    out = nib.load(label_file)
+    data = np.asarray(out.dataobj)
+    values = sorted(int(v) for v in np.unique(data))
+    want = expected_labels(model_dir / name)
+    allowed = {0, *want.values()}
+    shape_ok = tuple(data.shape) == tuple(ref.shape)
+    labels_ok = set(values) <= allowed and np.array_equal(data, np.round(data))
+    names_ok = {str(k): int(v) for k, v in (params.get("label_names") or {}).items()} == want
+    affine_ok = bool(np.allclose(out.affine, ref.affine, atol=1e-3))
+    entry = {
+        "file": label_file,
+        "shape": list(data.shape),
+        "input_shape": list(ref.shape),
+        "labels_present": values,
+        "label_names": params.get("label_names"),
+        "latencies": params.get("latencies"),
+        "seconds": round(seconds, 2),
+        "shape_ok": shape_ok,
+        "labels_ok": bool(labels_ok),
+        "names_ok": names_ok,
+        "affine_ok": affine_ok,
+        "affine": np.round(out.affine, 4).tolist(),
+        "input_affine": np.round(ref.affine, 4).tolist(),
+    }
+    log(
+        f"inference answered: {name} in {seconds:.1f} s: shape {tuple(data.shape)} (input {tuple(ref.shape)}), "
+        f"labels present {values} (allowed {sorted(allowed)}), {len(want)} label names in the answer, "
+        f"affine {'equals' if affine_ok else 'DIFFERS FROM'} the input's"
+    )
+    checks = (("shape", shape_ok), ("labels", labels_ok), ("label names", names_ok), ("affine", affine_ok))
+    problems = [p for p, ok in checks if not ok]
+    if problems:
+        raise RunError(f"inference {name}: wrong {', '.join(problems)}: {json.dumps(entry)[:800]}")
+    return entry
+
+
+def serve_and_check(args, log: Log, summary: dict) -> None:
+    import torch
+    from monailabel.client import MONAILabelClient
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    work = Path(args.work).resolve()
+    image = Path(args.image).resolve()
+    versions = {}
+    for mod in ("numpy", "torch", "torchvision", "monai", "monailabel", "flare23"):
+        versions[mod] = getattr(__import__(mod), "__version__", "?")
+    summary["versions"] = versions
+    log("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    app, studies, image_id = lay_out(work, image, args.widths, args.crop, log)
+    model_dir = app / "model"
+    make_weights(model_dir, args.weights, log)
+    port = args.port or free_port()
+    socket.setdefaulttimeout(args.request_timeout)  # MONAI Label's client opens connections without one
+    proc, server_log = start_server(app, studies, work, port, args.trainers, log)
+    summary["server_log"] = str(server_log)
+    try:
+        client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(work / "answers"))
+        (work / "answers").mkdir(exist_ok=True)
+        info, ready = wait_ready(client, proc, server_log, args.start_timeout, log)
+        log(f"server: ready on 127.0.0.1:{port} after {ready:.0f} s")
+        summary["ready_seconds"] = round(ready, 1)
+        for line in loaded_lines(server_log):
+            log(f"server log: {line}")
+        summary["models"] = check_info(info, model_dir, log)
+        summary["trainers"] = sorted(info.get("trainers", {}))
+        summary["inference"] = {}
+        for name in args.models:
+            start = time.monotonic()
+            try:
+                label_file, params = client.infer(name, image_id, {})
+            except Exception as exc:  # noqa: BLE001 - MONAI Label answers 500 with no detail: the server log has it
+                raise RunError(f"inference {name}: {exc}; the server says: {last_error(server_log)}") from None
+            seconds = time.monotonic() - start
+            keep = work / "results" / f"{name}.nii.gz"
+            keep.parent.mkdir(exist_ok=True)
+            if label_file and Path(label_file).is_file():
+                shutil.move(label_file, keep)
+                label_file = str(keep)
+            summary["inference"][name] = check_answer(
+                name, label_file, params or {}, studies / f"{image_id}.nii.gz", model_dir, seconds, log
+            )
+    finally:
+        stop_server(proc, log)
+
+
+# --- entry point -------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="work folder: app layout, studies, server log, results, monailabel.log")
+    p.add_argument(
+        "--venv",
+        default=os.environ.get(ENV_VAR_VENV, str(DEFAULT_VENV)),
+        help=f"the MONAI Label environment (env var {ENV_VAR_VENV}; default {DEFAULT_VENV})",
+    )
+    p.add_argument("--python", default=sys.executable, help="the Python that makes the environment (3.10+)")
+    p.add_argument(
+        "--image", default=str(DEFAULT_IMAGE), help="a CT in NIfTI (default: ../shared/data/real_ct/ts_example_ct/ct.nii.gz)"
+    )
+    p.add_argument(
+        "--crop",
+        default="",
+        help="X,Y,Z: serve a central crop of at most these voxel counts (a fast check); default: the whole CT",
+    )
+    p.add_argument(
+        "--models",
+        default=",".join(BUNDLES),
+        help="bundles to send an inference request to (all four are always loaded and listed)",
+    )
+    p.add_argument(
+        "--widths",
+        choices=("tiny", "full"),
+        default="tiny",
+        help="tiny: narrow networks in the copies (fast on CPU); full: the configs as they are",
+    )
+    p.add_argument(
+        "--weights",
+        choices=("random", "repo"),
+        default="random",
+        help="random (seeded) weights, or the repository's trained bundles/*/models/model.pt (needs --widths full)",
+    )
+    p.add_argument(
+        "--trainers", action="store_true", help="let the app also load the bundles' trainers (off: --conf skip_trainers true)"
+    )
+    p.add_argument("--port", type=int, default=0, help="server port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the server to answer /info/")
+    p.add_argument("--request-timeout", type=float, default=900.0, help="seconds one HTTP request may take")
+    p.add_argument("--env-only", action="store_true", help="make the environment and stop")
+    p.add_argument(INSIDE_FLAG, dest="inside", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        args.crop = [int(v) for v in args.crop.split(",")] if args.crop else None
+    except ValueError:
+        p.error(f"--crop {args.crop!r}: expected three integers X,Y,Z")
+    if args.crop is not None and (len(args.crop) != 3 or min(args.crop) < 1):
+        p.error(f"--crop {args.crop}: expected three positive integers X,Y,Z")
+    unknown = sorted(set(args.models) - set(BUNDLES))
+    if unknown:
+        p.error(f"--models: unknown bundle(s) {unknown}; choose among {list(BUNDLES)}")
+    if args.weights == "repo" and args.widths != "full":
+        p.error("--weights repo needs --widths full (trained weights have the configs' widths)")
+    image = Path(args.image)
+    if not args.env_only and not (image.is_file() and (image.name.endswith(".nii.gz") or image.suffix == ".nii")):
+        p.error(f"--image {image}: not a NIfTI file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log = Log(work / "monailabel.log")
+    summary_path = work / "summary.json"
+    if not args.inside:
+        if (work / "monailabel.log").exists():
+            (work / "monailabel.log").unlink()
+        summary_path.unlink(missing_ok=True)
+        try:
+            env = ensure_env(Path(args.venv), log, args.python)
+        except (RunError, subprocess.CalledProcessError) as exc:
+            log(f"FAILED: {exc}")
+            return 1
+        (work / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        if args.env_only:
+            return 0
+        vpy = Path(env["venv"]) / "bin" / "python"
+        # The rest needs torch, monai and monailabel: run it with the environment's Python.
+        return subprocess.run([str(vpy), str(Path(__file__).resolve()), *argv, INSIDE_FLAG]).returncode
+    summary: dict = {"ok": False, "image": str(Path(args.image).resolve()), "widths": args.widths, "weights": args.weights}
+    env_file = work / "env.json"
+    if env_file.is_file():
+        summary["env"] = json.loads(env_file.read_text())
+    start = time.monotonic()
+    code = 1
+    try:
+        serve_and_check(args, log, summary)
+        summary["ok"] = True
+        code = 0
+        log(f"OK: the four bundles loaded in MONAI Label's monaibundle app; {len(args.models)} inference request(s) answered")
+    except RunError as exc:
+        summary["error"] = str(exc)
+        log(f"FAILED: {exc}")
+    except Exception as exc:  # noqa: BLE001 - anything else is a failure of the run, reported in one line
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"FAILED: {type(exc).__name__}: {exc}")
+    summary["seconds"] = round(time.monotonic() - start, 1)
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Fast checks of bench/bench_compare.py and bench/_nnunet_side.py (the pure parts, and nnU-Net's side where its environment exists)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _nnunet_side as nn_side  # noqa: E402
+import bench_compare as bc  # noqa: E402
+
+from flare23 import constants as C  # noqa: E402
+
+NNUNET_PY = ROOT / "bench" / ".venv-nnunet" / "bin" / "python"
+needs_nnunet = pytest.mark.skipif(not NNUNET_PY.is_file(), reason="nnU-Net's environment missing (bash bench/nnunet_env.sh)")
+TINY = [4, 8, 16, 16, 16, 16]
+
+
+def test_plans_follow_our_organ_model():
+    plans = nn_side.nnunet_plans(TINY)
+    cfg = plans["configurations"]["3d_fullres"]
+    arch = cfg["architecture"]["arch_kwargs"]
+    # nnU-Net (SimpleITK) arrays are (z, y, x): our XYZ values reversed
+    assert cfg["spacing"] == [C.ORGAN_SPACING_XYZ[2], C.ORGAN_SPACING_XYZ[1], C.ORGAN_SPACING_XYZ[0]]
+    assert cfg["patch_size"] == [C.ORGAN_PATCH_XYZ[2], C.ORGAN_PATCH_XYZ[1], C.ORGAN_PATCH_XYZ[0]]
+    assert arch["kernel_sizes"] == [[k[2], k[1], k[0]] for k in C.KERNELS_XYZ]
+    assert arch["strides"] == [[s[2], s[1], s[0]] for s in C.ORGAN_STRIDES_XYZ]
+    assert arch["features_per_stage"] == TINY and arch["n_stages"] == 6
+    fp = plans["foreground_intensity_properties_per_channel"]["0"]
+    organ = C.FINGERPRINT_DEFAULTS["organ"]
+    assert (fp["percentile_00_5"], fp["percentile_99_5"], fp["mean"], fp["std"]) == (
+        organ["clip_low"], organ["clip_high"], organ["mean"], organ["std"],
+    )  # fmt: skip
+    assert cfg["normalization_schemes"] == ["CTNormalization"]
+    labels = nn_side.nnunet_dataset_json()["labels"]
+    assert sorted(labels.values()) == list(range(C.NUM_CLASSES)) and labels["tumor"] == C.TUMOR_ID
+    assert nn_side.tile_step_size() == pytest.approx(1 - C.ORGAN_OVERLAP)
+    with pytest.raises(ValueError):
+        nn_side.nnunet_plans([4, 8, 16])
+
+
+def test_preprocessed_shape_and_smooth_logits():
+    assert bc.preprocessed_shape((100, 512, 512), (3.0, 0.8, 0.8), (2.5, 0.82, 0.82)) == (120, 500, 500)
+    a = bc.smooth_logits(15, (10, 33, 40), seed=1)
+    b = bc.smooth_logits(15, (10, 33, 40), seed=1)
+    assert a.shape == (15, 10, 33, 40) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.equal(a, bc.smooth_logits(15, (10, 33, 40), seed=2))
+    # smooth: neighbouring voxels differ much less than the values spread
+    assert (a[:, :, :, 1:] - a[:, :, :, :-1]).abs().mean() < 0.2 * a.std()
+    assert len(torch.unique(a.argmax(0))) > 3
+
+
+def test_stage_breakdown_sums_to_end_to_end():
+    ours = {"read": 1.0, "roi": 2.0, "crop": 0.5, "tumor_preprocess": 1.0, "tumor_network": 3.0, "tumor_resample": 0.5,
+            "organ_preprocess": 1.5, "organ_network": 4.0, "organ_resample": 1.0, "ensemble": 0.2, "postprocess": 0.3,
+            "paste": 0.1, "write": 0.6, "total_s": 15.0, "end_to_end_s": 20.0}  # fmt: skip
+    b = bc.stage_breakdown("ours", ours)
+    assert b["network"] == pytest.approx(9.0) and b["preprocess"] == pytest.approx(3.0)
+    assert b["to_original_grid"] == pytest.approx(1.6) and b["postprocess"] == pytest.approx(0.5)
+    assert sum(b[s] for s in bc.STAGES) == pytest.approx(20.0)
+    monai = {"read": 2.0, "tumor_preprocess": 3.0, "tumor_network": 5.0, "tumor_invert_argmax": 4.0, "organ_preprocess": 4.0,
+             "organ_network": 6.0, "organ_invert_argmax": 5.0, "ensemble_postprocess": 2.0, "write": 1.0, "end_to_end_s": 33.0}  # fmt: skip
+    m = bc.stage_breakdown("monai", monai)
+    assert (
+        m["preprocess"] == pytest.approx(5.0) and m["to_original_grid"] == pytest.approx(9.0) and m["other"] == pytest.approx(3.0)
+    )
+    n = bc.stage_breakdown("nnunet", {"load_network": 2, "read": 1, "preprocess": 3, "network": 10, "to_original_grid": 6, "write": 1,
+                                      "end_to_end_s": 23})  # fmt: skip
+    assert n["other"] == pytest.approx(2.0) and n["postprocess"] == 0.0
+    with pytest.raises(ValueError):
+        bc.stage_breakdown("other", {"end_to_end_s": 1})
+
+
+def _run(system, end, rss):
+    return {"breakdown": bc.stage_breakdown(system, {"network": end / 2, "end_to_end_s": end}), "peak_rss_mb": rss,
+            "auc_mb_s": rss * end, "peak_sampled_mb": rss, "peak_torch_mb": None}  # fmt: skip
+
+
+def test_summary_ratios_goals_and_markdown():
+    ours = [_run("ours", e, r) for e, r in ((10, 3000), (12, 3100), (30, 2900))]
+    nn = [_run("nnunet", e, r) for e, r in ((50, 9000), (40, 8000), (45, 8500))]
+    summary = {"512 x 512 x 500": {"ours": bc.summarize(ours), "nnunet": bc.summarize(nn)}}
+    s = summary["512 x 512 x 500"]
+    assert s["ours"]["end_to_end"] == statistics.median([10, 12, 30]) and s["ours"]["peak_rss_mb"] == 3000
+    assert "peak_torch_mb" not in s["ours"] and s["ours"]["runs"] == 3
+    r = bc.ratios(summary)["512 x 512 x 500"]
+    assert r["speedup_vs_nnunet"] == pytest.approx(45 / 12) and r["rss_vs_nnunet"] == pytest.approx(3000 / 8500)
+    result = {
+        "meta": {
+            "hardware": "test CPU",
+            "device": "cpu",
+            "filters": TINY,
+            "command": "python bench/bench_compare.py",
+            "params": {"ours_organ": 100, "nnunet": 101, "nnunet_network": "ResidualEncoderUNet"},
+        },  # fmt: skip
+        "summary": summary,
+        "ratios": bc.ratios(summary),
+        "export": {
+            "512 x 512 x 500": {
+                "grid_zyx": [140, 446, 446],
+                "runs": 3,
+                "nnunet_s": 30.0,
+                "ours_s": 2.0,
+                "speedup": 15.0,
+                "nnunet_rss_mb": 5000,
+                "ours_rss_mb": 2000,
+                "agreement": 0.97,
+            }
+        },  # fmt: skip
+    }
+    g = bc.goals(result)
+    assert any("3.75x" in x and "met" in x for x in g)
+    assert any("2.93 GB" in x and "met" in x for x in g)
+    assert any("15.0x" in x and "MISSED" in x for x in g)
+    result["goals"] = g
+    md = bc.markdown(result)
+    assert "| 512 x 512 x 500 | ours (ROI + organ + tumor) | 3 | 12.0 |" in md
+    assert "3.75x" in md and "97.00 %" in md and "140 x 446 x 446" in md and "python bench/bench_compare.py" in md
+
+
+def test_memory_area_with_a_fake_sampler(monkeypatch):
+    from flare23.efficiency import EfficiencyMonitor
+
+    readings = iter([100.0, 300.0, 200.0, 50.0, 50.0, 50.0, 50.0, 50.0, 50.0, 50.0])
+    monkeypatch.setattr(EfficiencyMonitor, "read_mb", lambda self: next(readings))
+    result, mem = bc.measured(lambda: "done", device="cpu", interval=10.0)  # no sample in between: entry + exit
+    assert result == "done"
+    assert mem["peak_sampled_mb"] == 300.0 and mem["auc_mb_s"] == pytest.approx((100.0 + 300.0) * 10.0)
+    assert mem["peak_torch_mb"] is None
+
+
+def _nnunet(*args, timeout=900):
+    env = {"nnUNet_def_n_proc": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([str(NNUNET_PY), str(ROOT / "bench" / "_nnunet_side.py"), *map(str, args)], capture_output=True, text=True,
+                         env=env, timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+
+
+@pytest.fixture(scope="module")
+def nnunet_model(tmp_path_factory):
+    """nnU-Net's synthetic model folder for the tiny widths, built once (one nnU-Net process)."""
+    folder = tmp_path_factory.mktemp("nnunet") / "m"
+    built = _nnunet("build", "--model", folder, "--filters", ",".join(map(str, TINY)))
+    return folder, built
+
+
+@pytest.mark.slow
+@needs_nnunet
+def test_nnunet_network_size_matches_ours(nnunet_model):
+    from flare23.bundles import SubBundle
+
+    folder, built = nnunet_model
+    ours = SubBundle(ROOT / "bundles" / "organ_seg", "inference.json", {"network_def#filters": TINY}).network()
+    n_ours = sum(p.numel() for p in ours.parameters())
+    assert built["network"] == "ResidualEncoderUNet" and built["heads"] == C.NUM_CLASSES
+    assert abs(built["parameters"] - n_ours) / n_ours < 0.02
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+    assert json.loads((folder / "plans.json").read_text()) == json.loads(json.dumps(nn_side.nnunet_plans(TINY)))
+
+
+@pytest.mark.slow
+@needs_nnunet
+def test_both_exports_agree_on_a_tiny_input(nnunet_model, tmp_path):
+    """Same logits to nnU-Net's export and to ours: identical labels where z is not resampled; close otherwise."""
+    folder, _ = nnunet_model
+    for name, grid, out_zyx in (("same_z", (12, 30, 34), (12, 48, 56)), ("z_up", (8, 30, 34), (20, 48, 56))):
+        work = tmp_path / name
+        work.mkdir()
+        logits = bc.smooth_logits(C.NUM_CLASSES, grid, seed=4, coarse=4).half()
+        np.save(work / "logits.npy", logits.numpy())
+        spacing = [2.5 * g / o for g, o in zip(grid, out_zyx)]
+        (work / "geometry.json").write_text(json.dumps({"shape_zyx": list(out_zyx), "spacing_zyx": spacing}))
+        _nnunet("export", "--model", folder, "--work", work, "--threads", "1")
+        theirs = np.load(work / "labels_nnunet.npy")
+        bc.worker_export_ours(type("A", (), {"work": str(work), "threads": 1})())
+        ours = np.load(work / "labels_ours.npy")
+        assert ours.shape == theirs.shape == out_zyx
+        # independent reference: torch trilinear of the same logits, arg-max
+        ref = F.interpolate(logits.float()[None], size=out_zyx, mode="trilinear", align_corners=False)[0].argmax(0).numpy()
+        assert (ours == ref).mean() > 0.999
+        agreement = (ours == theirs).mean()
+        if name == "same_z":
+            assert agreement > 0.995  # both are bilinear in-plane with the same voxel-centre convention
+        else:
+            assert agreement > 0.8  # nnU-Net: nearest along z (order_z 0, anisotropic spacing); ours: linear

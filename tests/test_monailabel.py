@@ -1,0 +1,164 @@
+"""MONAI Label (issue 8, item 2): the four bundles load in MONAI Label's ``monaibundle`` app and answer.
+
+Runs ``scripts/monailabel/run_monailabel.py`` once per session. The script makes (or reuses) its own
+environment (MONAI Label 0.8.5 pins numpy < 2; default ``~/.cache/flare23/monailabel-venv``, or
+``$FLARE23_MONAILABEL_VENV``), lays the bundles out in an app, starts the server on 127.0.0.1 and
+sends one inference request per bundle on a central crop of the real CT. Here the script's log,
+its summary and its result files are checked against values computed independently: label names
+from the bundles' ``metadata.json`` and :mod:`flare23.constants`, the expected crop shape and
+affine from the CT's header.
+
+Slow: making the environment takes several minutes the first time on a machine; later runs (and
+fresh clones, as in CI) reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from flare23.constants import LABELS, NUM_CLASSES
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "monailabel" / "run_monailabel.py"
+BUNDLES = ("roi_extractor", "organ_seg", "tumor_seg", "pipeline")
+CROP = (48, 40, 40)
+#: Environment creation (first run: about 5-10 min on 2 cores) plus the server run (2-5 min).
+TIMEOUT_S = 2700
+
+pytestmark = pytest.mark.slow
+
+
+def metadata_labels(bundle: str) -> dict[str, int]:
+    """Named labels as MONAI Label should list them: the bundle's channel_def, lower-cased, without background."""
+    meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    return {name.lower(): int(i) for i, name in channel_def.items() if name.lower() != "background"}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time (ns)."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def served(real_ct_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("monailabel")
+    image = real_ct_dir / "ct.nii.gz"
+    before = {"bundles": snapshot(REPO / "bundles"), "image": image.stat().st_mtime_ns}
+    cmd = [sys.executable, str(SCRIPT), "--work", str(work), "--image", str(image), "--crop", ",".join(map(str, CROP))]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S, cwd=str(REPO))
+    after = {"bundles": snapshot(REPO / "bundles"), "image": image.stat().st_mtime_ns}
+    log = (work / "monailabel.log").read_text() if (work / "monailabel.log").is_file() else ""
+    summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").is_file() else {}
+    return {"proc": proc, "work": work, "image": image, "log": log, "summary": summary, "before": before, "after": after}
+
+
+def test_script_succeeds_and_its_log_shows_four_loaded_bundles_and_answers(served):
+    proc, log = served["proc"], served["log"]
+    assert proc.returncode == 0, f"run_monailabel.py failed (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
+    assert served["summary"]["ok"] is True
+    for bundle in BUNDLES:
+        assert f"loaded {bundle}: " in log
+        assert f"inference answered: {bundle} " in log
+        # MONAI Label's own words, copied from the server log
+        assert f"+++ Adding Inferer:: {bundle} => " in log
+        assert f"+++ Adding Bundle from Local: {bundle} => " in log
+    assert "OK: the four bundles loaded" in log
+    server_log = Path(served["summary"]["server_log"]).read_text(errors="replace")
+    assert "Uvicorn running on http://127.0.0.1:" in server_log
+    env = served["summary"]["versions"]
+    assert env["monailabel"] == "0.8.5" and env["numpy"].startswith("1.")
+
+
+def test_info_lists_the_four_bundles_with_their_label_names(served):
+    models = served["summary"].get("models", {})
+    assert set(BUNDLES) <= set(models), f"models listed by /info/: {sorted(models)}"
+    flare = {LABELS[i]: i for i in range(1, NUM_CLASSES)}  # the 13 organs and tumor, from the constants
+    for bundle in BUNDLES:
+        assert models[bundle]["labels"] == metadata_labels(bundle), bundle
+    for bundle in ("organ_seg", "tumor_seg", "pipeline"):
+        assert models[bundle]["labels"] == flare, bundle
+    assert models["roi_extractor"]["labels"] == {"abdomen": 1}
+
+
+def test_answers_are_label_volumes_on_the_input_grid(served):
+    answers = served["summary"].get("inference", {})
+    assert set(answers) == set(BUNDLES)
+    ct = nib.load(str(served["image"]))
+    start = [max(0, (n - c) // 2) for n, c in zip(ct.shape, CROP)]
+    shape = tuple(min(n, c) for n, c in zip(ct.shape, CROP))
+    affine = ct.affine.copy()
+    affine[:3, 3] = ct.affine[:3, :3] @ np.asarray(start, dtype=float) + ct.affine[:3, 3]  # the crop's origin
+    for bundle in BUNDLES:
+        path = served["work"] / "results" / f"{bundle}.nii.gz"
+        assert path.is_file(), bundle
+        result = nib.load(str(path))
+        data = np.asarray(result.dataobj)
+        assert data.shape == shape, bundle
+        np.testing.assert_allclose(result.affine, affine, atol=1e-3, err_msg=bundle)
+        assert np.array_equal(data, np.round(data)), bundle
+        allowed = {0, *metadata_labels(bundle).values()}
+        present = set(np.unique(data).astype(int).tolist())
+        assert present <= allowed, (bundle, sorted(present - allowed))
+        assert present != {0} or bundle == "pipeline", (bundle, "random weights give some foreground")
+        assert answers[bundle]["label_names"] == metadata_labels(bundle), bundle
+        assert answers[bundle]["labels_present"] == sorted(present), bundle
+
+
+def test_pipeline_answer_equals_the_bundle_run_outside_monai_label(served, tmp_path):
+    """The same laid-out pipeline bundle (tiny widths, same weights), run by ``monai.bundle`` in the project's environment."""
+    bundle = served["work"] / "apps" / "monaibundle" / "model" / "pipeline"
+    study = served["work"] / "studies" / "flare23_ct.nii.gz"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", str(bundle / "configs" / "inference.json"),
+           "--bundle_root", str(bundle), "--dataset_dir", str(study), "--output_dir", str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = np.asarray(nib.load(str(out / "flare23_ct.nii.gz")).dataobj)
+    answer = np.asarray(nib.load(str(served["work"] / "results" / "pipeline.nii.gz")).dataobj)
+    assert ours.shape == answer.shape
+    # other torch / MONAI builds in the two environments: a few voxels may flip between near-equal classes
+    assert np.mean(ours == answer) > 0.99
+
+
+def test_the_repository_bundles_and_the_input_are_left_untouched(served):
+    assert served["after"] == served["before"]
+    copies = served["work"] / "apps" / "monaibundle" / "model"
+    assert sorted(p.name for p in copies.iterdir() if p.is_dir()) == sorted(BUNDLES)
+    for bundle in BUNDLES:
+        assert (copies / bundle / "models" / "model.pt").is_file(), bundle
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "no/such/ct.nii.gz"], "not a NIfTI file"),
+        (["--crop", "48,40"], "expected three positive integers"),
+        (["--models", "pipeline,spleen"], "unknown bundle"),
+        (["--weights", "repo"], "--weights repo needs --widths full"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, args, message):
+    env = dict(os.environ, FLARE23_MONAILABEL_VENV=str(tmp_path / "venv"))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--work", str(tmp_path / "work"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert not (tmp_path / "venv").exists()
