@@ -183,11 +183,15 @@ def test_each_kind_gives_a_valid_output_or_one_error_line(corpus, batch, name):
     assert img.get_data_dtype() == np.uint8
     values = np.unique(np.asarray(img.dataobj))
     assert values.min() >= 0 and values.max() <= 14
+    # the random-weight ROI network may find no abdomen in a synthetic volume: that warning (naming the
+    # file) is allowed beside the expected ones; nothing else may be said about a valid case
+    roi_empty = [m for m in mentions if m.startswith("flare23: warning: ") and "found no abdomen" in m]
+    said = [m for m in mentions if m not in roi_empty]
     if kind.expect == WARNING:
-        assert len(mentions) == 1 and mentions[0].startswith("flare23: warning: "), mentions or r.stderr[-2000:]
-        assert all(w in mentions[0] for w in kind.words), mentions[0]
+        assert len(said) == 1 and said[0].startswith("flare23: warning: "), mentions or r.stderr[-2000:]
+        assert all(w in said[0] for w in kind.words), said[0]
     else:
-        assert kind.expect == VALID and not mentions, mentions
+        assert kind.expect == VALID and not said, mentions
 
 
 def test_constant_image_normalises_to_finite_values():
