@@ -385,12 +385,14 @@ class CascadeInferer(Inferer):
             finally:
                 if pool:
                     pool.shutdown(wait=True)
+            del crop, crop_ras  # both branches have their own resampled copies now
             with timer("organ_load_wait"):
                 organ_net = network.wait("organ")
             lab_o = self._labels(self.organ, organ_net, x_o, crop_shape, device, timer)
             del x_o
             with timer("ensemble"):
                 labels = ensemble(lab_o, lab_t)
+            del lab_o, lab_t  # full-size maps: only the ensemble goes on
             if self.postprocessing:
                 with timer("postprocess"):
                     labels = postprocess(labels.cpu().numpy())

@@ -80,9 +80,10 @@ def ensemble(organ, tumor, tumor_id: int = TUMOR_ID):
 def _component_table(arr: np.ndarray, wanted: list[int], connectivity: int):
     """One multi-label connected-component pass over the voxels of the ``wanted`` labels.
 
-    Returns ``(components, comp, counts, values)``: the component map of the whole volume (0
-    elsewhere), the component ids of the wanted voxels in C order, and the size and label value of
-    every component id.
+    Returns ``(components, counts, values)``: the component map of the whole volume (0 elsewhere)
+    and the size and label value of every component id. No per-voxel table is built beside the
+    component map (``np.bincount`` would cast it to int64: 8 bytes a voxel, 2 GB for a
+    512 x 512 x 1000 scan): the sizes come from ``cc3d.statistics``.
     """
     if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
         lut = np.zeros(2 ** (8 * arr.dtype.itemsize), dtype=bool)
@@ -92,21 +93,26 @@ def _component_table(arr: np.ndarray, wanted: list[int], connectivity: int):
         selected = np.isin(arr, wanted)
     small = np.uint8 if max(wanted) < 256 else np.uint32
     masked = np.where(selected, arr, 0).astype(small, copy=False)
+    del selected
     # cc3d connects neighbouring voxels of equal value: one pass labels every wanted label at once.
     components, n = cc3d.connected_components(masked, connectivity=connectivity, return_N=True)
-    comp = components[selected]
-    counts = np.bincount(comp, minlength=n + 1)
+    counts = np.asarray(cc3d.statistics(components)["voxel_counts"], dtype=np.int64)
+    counts = np.pad(counts, (0, max(0, n + 1 - counts.size)))[: n + 1]
     values = np.zeros(n + 1, dtype=np.int64)
-    values[comp] = masked[selected]
-    return components, comp, counts, values
+    # every voxel writes its component's label (all equal within one), in chunks to bound the temporaries
+    cflat, mflat = components.reshape(-1), masked.reshape(-1)
+    for i in range(0, cflat.size, 1 << 24):
+        values[cflat[i : i + (1 << 24)]] = mflat[i : i + (1 << 24)]
+    values[0] = 0
+    return components, counts, values
 
 
-def _first_in_c_order(candidates: np.ndarray, comp: np.ndarray) -> int:
-    """The candidate component met first in C (raster) order (``comp`` lists voxels in C order)."""
+def _first_in_c_order(candidates: np.ndarray, components: np.ndarray) -> int:
+    """The candidate component met first in C (raster) order of the component map."""
     if candidates.size == 1:
         return int(candidates[0])
-    first = [int(np.argmax(comp == k)) for k in candidates]
-    return int(candidates[int(np.argmin(first))])
+    flat = components.reshape(-1)  # C order (a view when the map is C-contiguous)
+    return int(flat[int(np.argmax(np.isin(flat, candidates)))])
 
 
 def postprocess(
@@ -151,7 +157,7 @@ def postprocess(
     wanted = sorted(v for v in keep_largest | remove_small if v > 0)
     if not wanted or out.size == 0:
         return _like(out, labels)
-    components, comp, counts, values = _component_table(out, wanted, connectivity)
+    components, counts, values = _component_table(out, wanted, connectivity)
     drop = np.zeros(counts.size, dtype=bool)
     for value in wanted:
         ids = np.flatnonzero(values == value)
@@ -160,7 +166,7 @@ def postprocess(
             continue
         sizes = counts[ids]
         if value in keep_largest:
-            keep = _first_in_c_order(ids[sizes == sizes.max()], comp)
+            keep = _first_in_c_order(ids[sizes == sizes.max()], components)
             drop[ids[ids != keep]] = True
         else:
             drop[ids[sizes < fraction * sizes.max()]] = True

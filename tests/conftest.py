@@ -42,3 +42,15 @@ def tiny_phantoms(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms_tiny")
     generate_phantoms(out, cases=6, seed=0, size="tiny")
     return out
+
+
+@pytest.fixture()
+def dist_env(monkeypatch):
+    """A one-process torch.distributed world (gloo) on a free port, for the multi-GPU mixins' initialize."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)

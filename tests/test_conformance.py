@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -121,16 +120,6 @@ def tiny_network(bundle: str, net_id: str) -> torch.nn.Module:
     else:
         parser["network_def"]["filters"] = ROI_TINY if bundle == "roi_extractor" else FINE_TINY
     return parser.get_parsed_content(net_id, lazy=False).eval()
-
-
-@pytest.fixture()
-def dist_env(monkeypatch):
-    """A one-process torch.distributed world (gloo), for the multi-GPU mixins' initialize."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(k, v)
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

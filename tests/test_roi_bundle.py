@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,15 +101,6 @@ def test_contract_ids_present():
         assert key in infer, key
     evaluate = json.loads((CONFIGS / "evaluate.json").read_text())
     assert evaluate["evaluating"] == "@run"
-
-
-@pytest.fixture()
-def dist_env(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(k, v)
 
 
 @pytest.mark.parametrize(
