@@ -99,7 +99,8 @@ def stage_breakdown(system: str, stages: dict) -> dict:
     """Map one run's own stage times onto :data:`STAGES` (+ ``end_to_end``); ``other`` is the remainder.
 
     * ours (``timings.csv`` of the cascade + read/write timed around ``ReadCased``/``SaveLabeld``):
-      network = roi + tumor_network + organ_network; preprocess = crop + both branches'
+      network = roi + both branches' network and aggregate (the window sums, which the others' network times
+      include); preprocess = crop + both branches'
       preprocessing; to_original_grid = both ``*_resample`` + paste; postprocess = ensemble +
       postprocess.
     * monai: read = ``LoadImaged`` (twice: once per branch); preprocess = the rest of both
@@ -112,7 +113,8 @@ def stage_breakdown(system: str, stages: dict) -> dict:
         out = {
             "read": g("read"),
             "preprocess": g("crop", "tumor_preprocess", "organ_preprocess"),
-            "network": g("roi", "tumor_network", "organ_network"),
+            # MONAI's and nnU-Net's network times include the sums of the windows: so does ours here
+            "network": g("roi", "tumor_network", "organ_network", "tumor_aggregate", "organ_aggregate"),
             "to_original_grid": g("tumor_resample", "organ_resample", "paste"),
             "postprocess": g("ensemble", "postprocess"),
             "write": g("write"),

@@ -286,19 +286,17 @@ class CascadeInferer(Inferer):
         sink = StreamingLabels(x.shape[2:], out_shape, axis=2, block=self.block)
         slabs = sliding_window_slabs(x, predictor, branch.patch_size, branch.overlap, axis=2, sw_batch_size=branch.sw_batch_size,
                                      cval=float(x.min()), acc_dtype=torch.float16 if half else torch.float32)  # fmt: skip
-        network_before = timer.times.get(f"{name}_network", 0.0)
+        keys = (f"{name}_network", f"{name}_resample")
+        before = [timer.times.get(k, 0.0) for k in keys]
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            t0 = time.perf_counter()
             for _, _, slab in slabs:
-                windows = time.perf_counter() - t0
-                timer.times[f"{name}_aggregate"] = timer.times.get(f"{name}_aggregate", 0.0) + windows
                 with timer(f"{name}_resample"):
                     sink.add(slab)
                 del slab  # not held while the next slab is computed
-                t0 = time.perf_counter()
-            timer.times[f"{name}_aggregate"] += time.perf_counter() - t0
-        network = timer.times.get(f"{name}_network", 0.0) - network_before
-        timer.times[f"{name}_aggregate"] = max(0.0, timer.times[f"{name}_aggregate"] - network)
+        # the rest of the loop's time is the Gaussian weighting and sums of the windows
+        timed = sum(timer.times.get(k, 0.0) - b for k, b in zip(keys, before))
+        timer.times[f"{name}_aggregate"] = timer.times.get(f"{name}_aggregate", 0.0) + max(0.0, time.perf_counter() - t0 - timed)
         return sink.result()
 
     # the whole cascade --------------------------------------------------------------------------

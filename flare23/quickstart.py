@@ -104,6 +104,13 @@ def _fast(bundle: str, **train) -> dict:
     return out
 
 
+#: The fine models' network and geometry in the ``small`` preset (both models alike).
+_SMALL_FINE_NETWORK = {
+    "network_def#filters": [8, 16, 32, 64, 64, 64],
+    "target_spacing": [4.0, 4.0, 5.0],
+    "patch_size": [64, 64, 32],
+}
+
 #: Settings per phantom size. ``cases``: training pool (split into training and validation by the
 #: datalist tool); ``test_cases``: held-out cases. Per bundle: ``network`` overrides go to its
 #: train.json and, inside the pipeline, to its inference.json; ``train`` overrides to train.json only.
@@ -118,19 +125,11 @@ PRESETS: dict[str, dict] = {
             "train": _fast("roi_extractor", patch_size=[32, 32, 32], max_epochs=10, epoch_length=10, batch_size=2),
         },
         "organ_seg": {
-            "network": {
-                "network_def#filters": [8, 16, 32, 64, 64, 64],
-                "target_spacing": [4.0, 4.0, 5.0],
-                "patch_size": [64, 64, 32],
-            },
+            "network": dict(_SMALL_FINE_NETWORK),
             "train": _fast("organ_seg", max_epochs=35, epoch_length=10, batch_size=1, sw_batch_size=1),
         },
         "tumor_seg": {
-            "network": {
-                "network_def#filters": [8, 16, 32, 64, 64, 64],
-                "target_spacing": [4.0, 4.0, 5.0],
-                "patch_size": [64, 64, 32],
-            },
+            "network": dict(_SMALL_FINE_NETWORK),
             "train": _fast("tumor_seg", max_epochs=12, epoch_length=10, batch_size=1, sw_batch_size=1),
         },
     },
