@@ -424,7 +424,7 @@ def branch_from_bundle(sub, name: str) -> Branch:
 def roi_params_from_bundle(sub) -> dict:
     """Keyword arguments of :func:`flare23.roi.locate` from the ROI bundle's inference.json ids."""
     params = {}
-    for key in ("margins_mm", "max_whole_slices", "tile", "pad_multiple", "inplane_stride", "slice_target_mm"):
+    for key in ("margins_mm", "max_whole_slices", "tile", "pad_multiple", "inplane_stride", "slice_target_mm", "mirror_axes"):
         if key in sub.parser:
             params[key] = sub.get(key)
     return params

@@ -9,7 +9,8 @@ Pure functions (what the pipeline calls; torch-native where it matters):
 * :func:`normalise_roi`: clip to [-1024, 1024] then z-score with the volume's own mean and std.
 * :func:`roi_logits` / :func:`roi_predict`: the whole volume padded to a multiple of 16 when it has
   at most 240 (subsampled) slices, else non-overlapping 80 x 128 x 128 tiles (the last tile of an
-  axis is smaller, padded to 16, so no voxel is computed twice).
+  axis is smaller, padded to 16, so no voxel is computed twice). Optional mirrored passes
+  (``mirror_axes``) are averaged with the plain one in probability space.
 * :func:`roi_box` -> :class:`RoiBox`: the bounding box of all foreground voxels, mapped to full
   resolution, widened by physical margins (feet / head / in-plane, in mm) and clamped.
 * :func:`locate`: all of the above on a full-resolution volume in any array order.
@@ -211,6 +212,13 @@ def _run(network, x: torch.Tensor, pad_multiple: int) -> torch.Tensor:
     return out[(Ellipsis, *(slice(0, n) for n in shape))].float()
 
 
+def _mirror_dims(mirror_axes) -> tuple[int, ...]:
+    axes = tuple(int(a) for a in (mirror_axes or ()))
+    if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise Flare23Error(f"mirror_axes must be distinct spatial axes among 0, 1, 2, got {list(mirror_axes)}")
+    return tuple(2 + a for a in axes)
+
+
 def roi_logits(
     network,
     x_sub: torch.Tensor,
@@ -219,6 +227,7 @@ def roi_logits(
     pad_multiple: int = ROI_PAD_MULTIPLE,
     slice_dim: int = -1,
     autocast=None,
+    mirror_axes: Sequence[int] = (),
 ) -> torch.Tensor:
     """Logits ``(B, C, *spatial)`` of ``network`` on the normalised subsampled volume ``x_sub`` ``(B, 1, *spatial)``.
 
@@ -226,10 +235,25 @@ def roi_logits(
     zero-padded at the end of each axis to a multiple of ``pad_multiple``. More: non-overlapping
     tiles of shape ``tile`` (same axis order as ``x_sub``); the last tile of an axis is the rest,
     padded to ``pad_multiple``. ``autocast``: an optional context manager (e.g. ``torch.autocast``).
+
+    ``mirror_axes``: spatial axes (0, 1, 2 of ``x_sub``) of extra passes on the mirrored volume
+    (test-time mirroring, as nnU-Net does by default; not in the paper). Then the result is the
+    log of the mean of the passes' softmax probabilities (valid logits: their softmax is that mean).
     """
     if x_sub.ndim != 5:
         raise Flare23Error(f"the ROI network input must be (B, 1, X, Y, Z), got shape {tuple(x_sub.shape)}")
+    dims = _mirror_dims(mirror_axes)
     x = x_sub.as_tensor() if isinstance(x_sub, MetaTensor) else x_sub
+    if not dims:
+        return _roi_logits_once(network, x, max_whole_slices, tile, pad_multiple, slice_dim, autocast)
+    prob = torch.softmax(_roi_logits_once(network, x, max_whole_slices, tile, pad_multiple, slice_dim, autocast), 1)
+    for d in dims:
+        mirrored = _roi_logits_once(network, x.flip(d), max_whole_slices, tile, pad_multiple, slice_dim, autocast)
+        prob += torch.softmax(mirrored, 1).flip(d)
+    return prob.div_(1 + len(dims)).log_()
+
+
+def _roi_logits_once(network, x, max_whole_slices, tile, pad_multiple, slice_dim, autocast) -> torch.Tensor:
     spatial = tuple(int(s) for s in x.shape[2:])
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     with ctx:
@@ -256,10 +280,11 @@ def roi_predict(
     pad_multiple: int = ROI_PAD_MULTIPLE,
     slice_dim: int = -1,
     autocast=None,
+    mirror_axes: Sequence[int] = (),
 ) -> torch.Tensor:
     """Label map ``(B, 1, *spatial)`` uint8 (arg-max of :func:`roi_logits`); call with the network in eval mode."""
     with torch.no_grad():
-        logits = roi_logits(network, x_sub, max_whole_slices, tile, pad_multiple, slice_dim, autocast)
+        logits = roi_logits(network, x_sub, max_whole_slices, tile, pad_multiple, slice_dim, autocast, mirror_axes)
     if logits.shape[1] == 2:  # two classes: a comparison is cheaper than an arg-max
         return (logits[:, 1:2] > logits[:, 0:1]).to(torch.uint8)
     return logits.max(dim=1, keepdim=True).indices.to(torch.uint8)
@@ -274,6 +299,7 @@ class RoiInferer(Inferer):
         tile: Sequence[int] = ROI_PATCH_XYZ,
         pad_multiple: int = ROI_PAD_MULTIPLE,
         slice_dim: int = -1,
+        mirror_axes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.max_whole_slices, self.tile, self.pad_multiple, self.slice_dim = (
@@ -282,9 +308,12 @@ class RoiInferer(Inferer):
             int(pad_multiple),
             slice_dim,
         )
+        _mirror_dims(mirror_axes)  # a bad value fails when the config is parsed, not at the first case
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        out = roi_logits(network, inputs, self.max_whole_slices, self.tile, self.pad_multiple, self.slice_dim)
+        out = roi_logits(network, inputs, self.max_whole_slices, self.tile, self.pad_multiple, self.slice_dim,
+                         mirror_axes=self.mirror_axes)  # fmt: skip
         if isinstance(inputs, MetaTensor):
             out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
             out.is_batch = inputs.is_batch
@@ -431,11 +460,12 @@ def locate(
     inplane_stride: int = ROI_INPLANE_STRIDE,
     slice_target_mm: float = ROI_SLICE_TARGET_MM,
     return_mask: bool = False,
+    mirror_axes: Sequence[int] = (),
 ):
     """The whole ROI stage on a full-resolution CT ``image`` ``(X, Y, Z)`` (any array order) with ``affine``.
 
-    Subsample (a view), reorient the small array to RAS, normalise, :func:`roi_predict`, back to
-    the input's order, :func:`roi_box`. Same steps as the bundle's inference.json. Returns the
+    Subsample (a view), reorient the small array to RAS, normalise, :func:`roi_predict` (with
+    ``mirror_axes`` in RAS order), back to the input's order, :func:`roi_box`. Same steps as the bundle's inference.json. Returns the
     :class:`RoiBox` (or ``None`` when the ROI is empty), and with ``return_mask=True`` also the
     subsampled mask (input order, uint8) and the strides.
     """
@@ -450,7 +480,7 @@ def locate(
     device = torch.device(device) if device is not None else next(network.parameters()).device
     x = reorient(sub, sub_affine, target).to(device, non_blocking=True)
     x = normalise_roi(x)[None, None]
-    mask = roi_predict(network, x, max_whole_slices, tile, pad_multiple, -1, autocast)[0, 0]
+    mask = roi_predict(network, x, max_whole_slices, tile, pad_multiple, -1, autocast, mirror_axes)[0, 0]
     mask = reorient(mask, target, sub_affine).cpu()
     box = roi_box(mask, strides, img.shape, a, margins_mm)
     return (box, mask, strides) if return_mask else box

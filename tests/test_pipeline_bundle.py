@@ -105,3 +105,24 @@ def test_folder_run_continues_after_a_bad_case_and_fails_at_the_end(inputs, tmp_
     assert any("a_truncated_0000.nii.gz" in ln for ln in lines) and "1 of 2 case(s) failed" in lines[-1]
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".nii.gz")) == [good.name.replace("_0000", "")]
     assert {p.name: _sha(p) for p in folder.iterdir()} == before
+
+
+def test_roi_parameters_come_from_the_roi_bundle_except_the_mirrored_pass():
+    """One source of truth: the pipeline's ROI settings are the ROI bundle's, but it skips the mirrored pass."""
+    from monai.bundle import ConfigParser
+
+    from flare23.bundles import SubBundle
+    from flare23.constants import ROI_MIRROR_AXES
+
+    roi = SubBundle(ROOT / "bundles" / "roi_extractor", "inference.json", {})
+    assert list(roi.get("mirror_axes")) == list(ROI_MIRROR_AXES) and len(ROI_MIRROR_AXES) == 1
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser["bundle_root"] = str(ROOT / "bundles" / "pipeline")
+    params = parser.get_parsed_content("inferer#roi_params")
+    assert params["mirror_axes"] == []
+    for key in ("margins_mm", "max_whole_slices", "tile", "pad_multiple"):
+        assert params[key] == roi.get(key), key
+    parser["roi_mirror_axes"] = [0]
+    parser.parse(True)
+    assert parser.get_parsed_content("inferer#roi_params")["mirror_axes"] == [0]

@@ -225,6 +225,46 @@ def test_many_slices_use_non_overlapping_tiles():
     assert len(net.shapes) == 1  # 100 slices <= 100: whole volume
 
 
+class RampNet(ThresholdNet):
+    """Logits (0, x + i / 10) with i the index along spatial dim ``dim``: not mirror-symmetric."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        n = x.shape[2 + self.dim]
+        ramp = (torch.arange(n, dtype=x.dtype) / 10).view([n if d == 2 + self.dim else 1 for d in range(5)])
+        return torch.cat([torch.zeros_like(x), x + ramp], dim=1)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_mirrored_passes_average_the_probabilities(dim):
+    x = torch.randn(1, 1, 13, 11, 9)
+    n = x.shape[2 + dim]
+    i = torch.arange(n, dtype=x.dtype).view([n if d == 2 + dim else 1 for d in range(5)])
+    plain = torch.sigmoid(x + i / 10)
+    mirrored = torch.sigmoid(x + (n - 1 - i) / 10)  # the pass on the mirrored volume, mirrored back
+    for axes, expected in [((), plain), ((dim,), (plain + mirrored) / 2)]:
+        net = RampNet(dim)
+        out = roi.roi_logits(net, x, pad_multiple=1, mirror_axes=axes)
+        assert len(net.shapes) == 1 + len(axes)
+        torch.testing.assert_close(torch.softmax(out, 1)[:, 1:], expected, atol=1e-6, rtol=1e-6)
+    # mirroring along another axis does not change a ramp along ``dim``; three passes are averaged as well
+    other = [d for d in range(3) if d != dim]
+    out = roi.roi_logits(RampNet(dim), x, pad_multiple=1, mirror_axes=[dim, *other])
+    torch.testing.assert_close(torch.softmax(out, 1)[:, 1:], (plain * 3 + mirrored) / 4, atol=1e-6, rtol=1e-6)
+    pred = roi.roi_predict(RampNet(dim), x, pad_multiple=1, mirror_axes=[dim])
+    assert torch.equal(pred.bool(), (plain + mirrored) / 2 > 0.5)
+    # the same through the MONAI inferer and through locate's parameters
+    inferred = roi.RoiInferer(pad_multiple=1, mirror_axes=[dim])(x, RampNet(dim))
+    torch.testing.assert_close(inferred, roi.roi_logits(RampNet(dim), x, pad_multiple=1, mirror_axes=[dim]))
+    for bad in ([3], [0, 0], [-1]):
+        with pytest.raises(Flare23Error, match="mirror_axes"):
+            roi.RoiInferer(mirror_axes=bad)
+
+
 def test_roi_inferer_keeps_meta_data():
     x = MetaTensor(torch.randn(1, 1, 16, 16, 8), affine=torch.diag(torch.tensor([3.0, 3.0, 5.0, 1.0])))
     out = roi.RoiInferer()(x, ThresholdNet())
