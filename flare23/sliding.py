@@ -105,7 +105,7 @@ def sliding_window_slabs(
             for w, o in zip(batch, out):
                 local = list(w)
                 local[axis] = slice(int(w[axis].start) - s, int(w[axis].stop) - s)
-                new_acc[(slice(None), *local)].add_(o.to(acc_dtype) * weight)
+                new_acc[(slice(None), *local)].addcmul_(o if o.dtype == acc_dtype else o.to(acc_dtype), weight)
                 new_cnt[(slice(None), *local)].add_(weight)
             del out
         acc, cnt, base = new_acc, new_cnt, s
@@ -113,5 +113,6 @@ def sliding_window_slabs(
         lo, hi = max(emitted, keep[axis].start), min(final, keep[axis].stop)
         if hi > lo:
             sl = [slice(None)] + [keep[d] if d != axis else slice(lo - base, hi - base) for d in range(3)]
-            yield lo - keep[axis].start, hi - keep[axis].start, acc[tuple(sl)] / cnt[tuple(sl)]
+            # no later window writes these slices (later buffers start at or after ``final``): normalise in place
+            yield lo - keep[axis].start, hi - keep[axis].start, acc[tuple(sl)].div_(cnt[tuple(sl)])
         emitted = max(emitted, final)
