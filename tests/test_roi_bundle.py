@@ -22,7 +22,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from flare23 import roi
-from flare23.constants import LABELS, ROI_NUM_CLASSES
+from flare23.constants import LABELS, ROI_MIRROR_AXES, ROI_NUM_CLASSES
 from flare23.io import case_name, load_nifti
 from flare23.networks import LightUNet
 from flare23.training import load_weights
@@ -191,7 +191,8 @@ def test_inference_writes_masks_and_boxes_in_the_input_geometry(trained, tmp_pat
         mask_img = nib.load(out / f"{case_name(image)}_roi.nii.gz")
         assert mask_img.shape == arr.shape and mask_img.get_data_dtype() == np.uint8
         np.testing.assert_allclose(mask_img.affine, affine, atol=1e-4)
-        box, mask_sub, strides = roi.locate(net, arr, affine, return_mask=True)
+        # the bundle's default mirrored pass (RAS axes) is locate's mirror_axes
+        box, mask_sub, strides = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
         expected = roi.upsample_mask(mask_sub, strides, arr.shape).numpy()
         np.testing.assert_array_equal(np.asarray(mask_img.dataobj), expected)
         info = json.loads((out / f"{case_name(image)}_roi_box.json").read_text())
@@ -233,7 +234,7 @@ def test_evaluate_reports_dice_and_box_coverage(trained, tmp_path):
     for item in datalist:
         arr, affine, _ = load_nifti(trained["data"] / item["image"])
         label, _, _ = load_nifti(trained["data"] / item["label"])
-        box, mask_sub, strides = roi.locate(net, arr, affine, return_mask=True)
+        box, mask_sub, strides = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
         ref = roi.roi_labels(roi.subsample(label, strides)).bool()
         pred = mask_sub.bool()
         g, p = int(ref.sum()), int(pred.sum())
