@@ -485,6 +485,7 @@ def main(argv=None) -> None:
         help="skip the Model Zoo way above this (its 15-channel Invertd needs ~16 GB at 500)",
     )
     p.add_argument("--export_sizes", default=None, help="sizes for the probability-to-label stage (default: --sizes)")
+    p.add_argument("--e2e_sizes", default=None, help="sizes run end to end (default: --sizes; the others only for the export stage)")
     p.add_argument("--export_repeats", type=int, default=3, help="runs of the probability-to-label stage on organ-like logits")
     p.add_argument("--export_logits", default="organ,noise", help="logits for that stage: organ (from the phantom's labels), noise")
     p.add_argument("--noise_repeats", type=int, default=1, help="runs on the smooth-noise logits (worst case for ours)")
@@ -518,6 +519,7 @@ def _drive(args, cuda: bool) -> None:
     t_begin = time.perf_counter()
     args.sizes = [int(v) for v in str(args.sizes or ("100,300" if cuda else "100,300,500")).split(",") if v]
     export_sizes = [int(v) for v in str(args.export_sizes).split(",") if v] if args.export_sizes else list(args.sizes)
+    e2e_sizes = [int(v) for v in str(args.e2e_sizes).split(",") if v] if args.e2e_sizes else list(args.sizes)
     budget = args.budget_s if args.budget_s is not None else (450.0 if cuda else 0.0)
     systems = [s for s in args.systems.split(",") if s]
     bad = [s for s in systems if s not in SYSTEMS]
@@ -562,6 +564,8 @@ def _drive(args, cuda: bool) -> None:
             break
         t_round = time.perf_counter()
         for case, d in cases.items():
+            if case.startswith("512 x 512 x ") and int(case.split()[-1]) not in e2e_sizes:
+                continue
             for system in systems:
                 if system == "monai" and case.startswith("512 x 512 x ") and int(case.split()[-1]) > args.monai_max_slices:
                     continue
@@ -584,7 +588,7 @@ def _drive(args, cuda: bool) -> None:
                 )
         round_times.append(time.perf_counter() - t_round)
 
-    summary = {c: {s: summarize(v) for s, v in sv.items() if v} for c, sv in runs.items()}
+    summary = {c: {s: summarize(v) for s, v in sv.items() if v} for c, sv in runs.items() if any(sv.values())}
     crop = {c: sv["ours"][0].get("crop_fraction") for c, sv in runs.items() if sv.get("ours")}
 
     export: dict[str, dict] = {}
