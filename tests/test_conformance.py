@@ -75,7 +75,7 @@ CONFIG_SETS = {
     ],
 }
 for _fine in ("organ_seg", "tumor_seg"):
-    CONFIG_SETS[_fine] = CONFIG_SETS["roi_extractor"] + [(["train.json", "finetune.json"], "train")]
+    CONFIG_SETS[_fine] = CONFIG_SETS["roi_extractor"] + [(["train.json", "finetune.json"], "train"), (["train.json", "train_cpu.json"], "train")]
 
 
 def configs(bundle: str) -> Path:

@@ -274,6 +274,15 @@ def test_check_properties_train_finetune_and_multi_gpu(trained, tmp_path, monkey
         assert ft.parser.get_parsed_content("crop_fallback_ratios")[1:14] == [1.0] * 13
     else:
         assert [i for i, r in enumerate(ratios) if r > 0] == list(C.ORGAN_IDS)
+    # CPU mixin: Adam at its lr, per-class Dice, no flips (they swap left and right organs), no costly spatial augmentation
+    cpu = workflow(bundle, ["train.json", "train_cpu.json"], "train", ckpt_dir=str(tmp_path / "cpu"), **base)
+    cpu.initialize()
+    assert cpu.check_properties() == []
+    optimizer = cpu.parser.get_parsed_content("optimizer")
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == cpu.parser.get_parsed_content("learning_rate")
+    assert cpu.parser.get_parsed_content("loss").loss.dice_mode == "per_class"
+    assert all(cpu.parser.get_parsed_content(f"prob_{k}") == 0.0 for k in ("flip", "elastic", "rotation", "scaling"))
+    cpu.finalize()
     # multi-GPU mixins on CPU (gloo), one process
     port = socket.socket()
     port.bind(("127.0.0.1", 0))
