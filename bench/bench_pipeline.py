@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
 
 
-def _hardware() -> str:
+def _hardware(threads: int | None = None) -> str:
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -53,7 +53,7 @@ def _hardware() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.python_version()}"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({threads or torch.get_num_threads()} thread(s) per run), {platform.python_version()}"
 
 
 def _overrides(filters):
@@ -253,7 +253,7 @@ def main() -> None:
         med = {k: statistics.median(r["stages"][k] for r in runs) for k in keys}
         med["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
         summary[system] = med
-    print(f"\nhardware: {_hardware()}\nphantom 512 x 512 x {args.slices}, filters {args.filters}, device {args.device}, "
+    print(f"\nhardware: {_hardware(args.threads)}\nphantom 512 x 512 x {args.slices}, filters {args.filters}, device {args.device}, "
           f"precision {args.precision}, ROI {args.roi}, median of {args.repeats} runs")  # fmt: skip
     for system, med in summary.items():
         print(f"\n{system}:")
