@@ -421,12 +421,9 @@ def _prepare_inputs(work: Path, args) -> dict[str, Path]:
 
 
 def _hardware(threads: int) -> str:
-    import re
-
     from bench_pipeline import _hardware as hw
 
-    # bench_pipeline reports the driver's torch threads; every worker here runs with --threads
-    text = re.sub(r"\(\d+ threads\)", f"({threads} thread{'s' if threads != 1 else ''} per run)", hw())
+    text = hw(threads)  # every worker here runs with --threads
     load = ""
     try:
         load = f", load average {os.getloadavg()[0]:.1f} at the start"

@@ -53,7 +53,8 @@ def _hardware(threads: int | None = None) -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({threads or torch.get_num_threads()} thread(s) per run), {platform.python_version()}"
+    n = threads or torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({n} thread{'s' if n != 1 else ''} per run), {platform.python_version()}"
 
 
 def _overrides(filters):
