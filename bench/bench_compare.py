@@ -86,14 +86,20 @@ def smooth_logits(n_classes: int, shape, seed: int = 0, coarse: int = 8):
 
     Smooth like a network's output (class regions tens of voxels wide), deterministic for a seed.
     """
+    import torch.nn.functional as F
+
+    noise = _coarse_noise(n_classes, shape, seed, coarse)
+    return F.interpolate(noise, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)[0].contiguous()
+
+
+def _coarse_noise(n_classes: int, shape, seed: int, coarse: int = 8):
+    """The seeded coarse noise ``(1, C, *ceil(shape / coarse))`` that :func:`smooth_logits` upsamples."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     rng = np.random.default_rng(seed)
     small = [max(2, -(-int(s) // coarse)) for s in shape]
-    noise = torch.from_numpy(rng.standard_normal((1, n_classes, *small)).astype(np.float32) * 4.0)
-    return F.interpolate(noise, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)[0].contiguous()
+    return torch.from_numpy(rng.standard_normal((1, n_classes, *small)).astype(np.float32) * 4.0)
 
 
 def organ_logits(label_xyz, grid_zyx, n_classes: int, seed: int = 0, scale: float = 8.0, noise: float = 0.25):
@@ -110,11 +116,13 @@ def organ_logits(label_xyz, grid_zyx, n_classes: int, seed: int = 0, scale: floa
 
     grid_xyz = tuple(reversed([int(v) for v in grid_zyx]))
     lab = torch.from_numpy(np.ascontiguousarray(label_xyz))
-    rng_noise = smooth_logits(n_classes, grid_zyx, seed)
-    out = torch.empty((n_classes, *[int(v) for v in grid_zyx]), dtype=torch.float16)
+    size = tuple(int(v) for v in grid_zyx)
+    coarse = _coarse_noise(n_classes, grid_zyx, seed)  # smooth_logits' noise, upsampled one class at a time
+    out = torch.empty((n_classes, *size), dtype=torch.float16)
     for c in range(n_classes):
         p = F.interpolate((lab == c).float()[None, None], size=grid_xyz, mode="trilinear", align_corners=False)[0, 0]
-        out[c] = (p.permute(2, 1, 0) * scale + noise * rng_noise[c]).half()
+        smooth = F.interpolate(coarse[:, c : c + 1], size=size, mode="trilinear", align_corners=False)[0, 0]
+        out[c] = (p.permute(2, 1, 0) * scale + noise * smooth).half()
     return out
 
 

@@ -465,9 +465,9 @@ def locate(
     """The whole ROI stage on a full-resolution CT ``image`` ``(X, Y, Z)`` (any array order) with ``affine``.
 
     Subsample (a view), reorient the small array to RAS, normalise, :func:`roi_predict` (with
-    ``mirror_axes`` in RAS order), back to the input's order, :func:`roi_box`. Same steps as the bundle's inference.json. Returns the
-    :class:`RoiBox` (or ``None`` when the ROI is empty), and with ``return_mask=True`` also the
-    subsampled mask (input order, uint8) and the strides.
+    ``mirror_axes`` in RAS order), back to the input's order, :func:`roi_box`. Same steps as the
+    bundle's inference.json. Returns the :class:`RoiBox` (or ``None`` when the ROI is empty), and
+    with ``return_mask=True`` also the subsampled mask (input order, uint8) and the strides.
     """
     a = _affine(affine)
     img = _tensor(image)

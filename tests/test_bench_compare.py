@@ -207,6 +207,9 @@ def test_organ_logits_are_the_labels_on_the_model_grid():
     logits = bc.organ_logits(label, (12, 20, 24), 15, seed=1)
     assert logits.dtype == torch.float16 and tuple(logits.shape) == (15, 12, 20, 24)
     assert np.array_equal(logits.float().argmax(0).numpy().transpose(2, 1, 0), label)
+    # the noise part is smooth_logits' noise (built one class at a time to bound memory)
+    noise_only = bc.organ_logits(label, (12, 20, 24), 15, seed=1, scale=0.0)
+    torch.testing.assert_close(noise_only, (0.25 * bc.smooth_logits(15, (12, 20, 24), seed=1)).half(), atol=0, rtol=0)
     # half the in-plane resolution: every voxel whose 2 x 2 source block is one class keeps it
     coarse = bc.organ_logits(label, (12, 10, 12), 15, seed=1).float().argmax(0).numpy().transpose(2, 1, 0)
     blocks = label.reshape(12, 2, 10, 2, 12)
