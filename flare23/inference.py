@@ -284,8 +284,10 @@ class CascadeInferer(Inferer):
                 return probs.half() if half else probs
 
         sink = StreamingLabels(x.shape[2:], out_shape, axis=2, block=self.block)
+        # windows past the crop are padded with 0 (the fingerprint mean), as training's SpatialPadd and
+        # MONAI's validation windows do: instance norm makes every voxel depend on the padding
         slabs = sliding_window_slabs(x, predictor, branch.patch_size, branch.overlap, axis=2, sw_batch_size=branch.sw_batch_size,
-                                     cval=float(x.min()), acc_dtype=torch.float16 if half else torch.float32)  # fmt: skip
+                                     cval=0.0, acc_dtype=torch.float16 if half else torch.float32)  # fmt: skip
         keys = (f"{name}_network", f"{name}_resample")
         before = [timer.times.get(k, 0.0) for k in keys]
         t0 = time.perf_counter()
