@@ -267,7 +267,9 @@ def goals(result: dict) -> list[str]:
             )
     for case, e in (result.get("export") or {}).items():
         if e.get("logits", "organ") != "organ":
-            lines.append(f"{case} (worst case, not the goal's input): probability-to-label {e['speedup']:.1f}x faster than nnU-Net's export")
+            lines.append(
+                f"{case} (worst case, not the goal's input): probability-to-label {e['speedup']:.1f}x faster than nnU-Net's export"
+            )
             continue
         ok = e["speedup"] >= GOAL_EXPORT_SPEEDUP
         lines.append(f"{case}: probability-to-label {e['speedup']:.1f}x faster than nnU-Net's export (goal >= {GOAL_EXPORT_SPEEDUP:g}x): "
@@ -490,9 +492,13 @@ def main(argv=None) -> None:
         help="skip the Model Zoo way above this (its 15-channel Invertd needs ~16 GB at 500)",
     )
     p.add_argument("--export_sizes", default=None, help="sizes for the probability-to-label stage (default: --sizes)")
-    p.add_argument("--e2e_sizes", default=None, help="sizes run end to end (default: --sizes; the others only for the export stage)")
+    p.add_argument(
+        "--e2e_sizes", default=None, help="sizes run end to end (default: --sizes; the others only for the export stage)"
+    )
     p.add_argument("--export_repeats", type=int, default=3, help="runs of the probability-to-label stage on organ-like logits")
-    p.add_argument("--export_logits", default="organ,noise", help="logits for that stage: organ (from the phantom's labels), noise")
+    p.add_argument(
+        "--export_logits", default="organ,noise", help="logits for that stage: organ (from the phantom's labels), noise"
+    )
     p.add_argument("--noise_repeats", type=int, default=1, help="runs on the smooth-noise logits (worst case for ours)")
     p.add_argument("--budget_s", type=float, default=None, help="stop starting rounds past this (default cpu: none; cuda: 450)")
     p.add_argument("--nnunet_python", default=str(NNUNET_PYTHON))

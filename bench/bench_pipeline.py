@@ -247,7 +247,9 @@ def main() -> None:
                 sys.exit(f"{system} run {r + 1} failed:\n{proc.stderr[-4000:]}")
             res = json.loads(line[0][7:])
             results[system].append(res)
-            print(f"run {r + 1} {system}: {res['stages']['end_to_end_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"run {r + 1} {system}: {res['stages']['end_to_end_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True
+            )
     summary = {}
     for system, runs in results.items():
         keys = runs[0]["stages"].keys()
@@ -264,7 +266,9 @@ def main() -> None:
         o = summary["ours"]
         net = o.get("roi", 0) + o.get("tumor_network", 0) + o.get("organ_network", 0)
         outside = o["end_to_end_s"] - net
-        print(f"\nours: time outside the network forward passes {outside:.2f} s = {100 * outside / o['end_to_end_s']:.1f} % of the total")
+        print(
+            f"\nours: time outside the network forward passes {outside:.2f} s = {100 * outside / o['end_to_end_s']:.1f} % of the total"
+        )
     if "ours" in summary and "monai" in summary:
         print(f"end-to-end ratio monai / ours: {summary['monai']['end_to_end_s'] / summary['ours']['end_to_end_s']:.2f}x; "
               f"peak RSS ours {summary['ours']['peak_rss_mb']:.0f} MB vs monai {summary['monai']['peak_rss_mb']:.0f} MB")  # fmt: skip

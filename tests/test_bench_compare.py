@@ -118,7 +118,9 @@ def test_summary_ratios_goals_and_markdown():
             }
         },  # fmt: skip
     }
-    result["export"]["512 x 512 x 500, smooth-noise logits"] = dict(result["export"]["512 x 512 x 500"], logits="noise", speedup=4.0)
+    result["export"]["512 x 512 x 500, smooth-noise logits"] = dict(
+        result["export"]["512 x 512 x 500"], logits="noise", speedup=4.0
+    )
     g = bc.goals(result)
     assert any("worst case" in x and "4.0x" in x and "MISSED" not in x and "met" not in x for x in g)
     assert any("3.75x" in x and "met" in x for x in g)
@@ -213,6 +215,6 @@ def test_organ_logits_are_the_labels_on_the_model_grid():
     # half the in-plane resolution: every voxel whose 2 x 2 source block is one class keeps it
     coarse = bc.organ_logits(label, (12, 10, 12), 15, seed=1).float().argmax(0).numpy().transpose(2, 1, 0)
     blocks = label.reshape(12, 2, 10, 2, 12)
-    uniform = (blocks.min(axis=(1, 3)) == blocks.max(axis=(1, 3)))
+    uniform = blocks.min(axis=(1, 3)) == blocks.max(axis=(1, 3))
     assert uniform.mean() > 0.7
     assert np.array_equal(coarse[uniform], blocks[:, 0, :, 0, :][uniform])

@@ -279,7 +279,9 @@ def test_check_properties_train_finetune_and_multi_gpu(trained, tmp_path, monkey
     cpu.initialize()
     assert cpu.check_properties() == []
     optimizer = cpu.parser.get_parsed_content("optimizer")
-    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == cpu.parser.get_parsed_content("learning_rate")
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == cpu.parser.get_parsed_content(
+        "learning_rate"
+    )
     assert cpu.parser.get_parsed_content("loss").loss.dice_mode == "per_class"
     assert all(cpu.parser.get_parsed_content(f"prob_{k}") == 0.0 for k in ("flip", "elastic", "rotation", "scaling"))
     cpu.finalize()

@@ -49,7 +49,16 @@ class _Threshold(torch.nn.Module):
 
 
 def _branch(name, spacing, patch=(32, 32, 16), overlap=0.25) -> Branch:
-    return Branch(name=name, target_spacing=spacing, patch_size=patch, overlap=overlap, clip_low=-1000.0, clip_high=1000.0, mean=0.0, std=100.0)
+    return Branch(
+        name=name,
+        target_spacing=spacing,
+        patch_size=patch,
+        overlap=overlap,
+        clip_low=-1000.0,
+        clip_high=1000.0,
+        mean=0.0,
+        std=100.0,
+    )
 
 
 def _networks():
@@ -91,7 +100,11 @@ def test_geometry_and_physical_place_in_every_orientation(real_ct):
     torch.set_num_threads(1)
     image, affine = real_ct
     inferer = CascadeInferer(
-        tumor=_branch("tumor", (6.0, 6.0, 6.0)), organ=_branch("organ", (2.0, 2.0, 2.5)), block=7, precision="fp32", postprocessing=True
+        tumor=_branch("tumor", (6.0, 6.0, 6.0)),
+        organ=_branch("organ", (2.0, 2.0, 2.5)),
+        block=7,
+        precision="fp32",
+        postprocessing=True,
     )
     canonical = canonical_array = None
     for name, (img, aff) in _variants(image, affine).items():
@@ -145,7 +158,19 @@ def test_stage_timings_are_recorded(real_ct):
     inferer = CascadeInferer(tumor=_branch("tumor", (6.0, 6.0, 6.0)), organ=_branch("organ", (4.5, 4.5, 4.5)), precision="fp32")
     _run(inferer, image, affine)
     stages = set(inferer.timings[-1])
-    for stage in ("roi", "crop", "tumor_preprocess", "tumor_network", "tumor_resample", "organ_preprocess", "organ_network", "organ_resample", "ensemble", "postprocess", "paste"):
+    for stage in (
+        "roi",
+        "crop",
+        "tumor_preprocess",
+        "tumor_network",
+        "tumor_resample",
+        "organ_preprocess",
+        "organ_network",
+        "organ_resample",
+        "ensemble",
+        "postprocess",
+        "paste",
+    ):
         assert stage in stages
     assert all(v >= 0 for v in inferer.timings[-1].values())
 
@@ -172,7 +197,9 @@ def test_save_refuses_to_overwrite_the_input(tmp_path):
     before = src.read_bytes()
     d = ReadCased(keys="image")({"image": str(src), "name": "case"})
     with pytest.raises(Flare23Error, match="over the input"):
-        SaveLabeld(keys="pred", output_dir=str(tmp_path))({"image": d["image"], "pred": torch.zeros((1, 4, 4, 4), dtype=torch.uint8)})
+        SaveLabeld(keys="pred", output_dir=str(tmp_path))(
+            {"image": d["image"], "pred": torch.zeros((1, 4, 4, 4), dtype=torch.uint8)}
+        )
     assert src.read_bytes() == before
 
 
