@@ -46,6 +46,8 @@ DEFAULT_BLOCK = 150
 _MIXED_CHUNK = 1 << 22
 #: Share of mixed cells above which a whole output slice is interpolated (measured crossover ~0.18).
 _DENSE_FRACTION = 0.15
+#: Float values per group of whole slices interpolated at once (256 MB).
+_DENSE_VALUES = 1 << 26
 
 _IMAGE_MODES = ("trilinear", "nearest", "nearest-exact", "area")
 
@@ -207,8 +209,11 @@ def _fill(src: torch.Tensor, lo: int, tables, axis: int, o_start: int, o_stop: i
             if bool(dense.any()):
                 rows = dense.nonzero().flatten()
                 plane_out = tuple(part.shape[k] for k in other)
-                vals = _interpolate_slices(src, local, axis, other, rows + start + a, plane_out)  # (r, Q0, Q1)
-                part.index_copy_(axis, rows, vals.movedim(0, axis))
+                group = max(1, _DENSE_VALUES // max(1, src.shape[0] * plane))  # bounds the float32 values
+                for g in range(0, rows.numel(), group):
+                    r = rows[g : g + group]
+                    vals = _interpolate_slices(src, local, axis, other, r + start + a, plane_out)  # (r, Q0, Q1)
+                    part.index_copy_(axis, r, vals.movedim(0, axis))
                 keep = ~dense[idx[:, axis]]
                 m.index_fill_(axis, rows, False)
                 idx = idx[keep]

@@ -257,3 +257,17 @@ def test_argmax_labels_match_torch_in_any_chunk_with_ties_to_the_lower_class():
     for chunk in (1, 20, 1 << 20):
         got = argmax_labels(probs, chunk=chunk)
         assert got.dtype == torch.uint8 and torch.equal(got.long(), ref)
+
+
+def test_whole_slice_groups_do_not_change_the_labels(monkeypatch):
+    import flare23.resample as rs
+
+    # noisy probabilities (every slice takes the whole-slice path), interpolated one slice per group
+    g = torch.Generator().manual_seed(13)
+    probs = torch.softmax(torch.randn(7, 8, 9, 10, generator=g), 0)
+    out_shape = (15, 11, 21)
+    ref = resample_labels(probs, out_shape, block=9)
+    with monkeypatch.context() as m:
+        m.setattr(rs, "_DENSE_VALUES", 1)
+        assert torch.equal(resample_labels(probs, out_shape, block=9), ref)
+    _assert_equal_up_to_ties(ref, probs, out_shape)
