@@ -201,8 +201,7 @@ def _fill(src: torch.Tensor, lo: int, tables, axis: int, o_start: int, o_stop: i
         for a in range(0, stop - start, step):
             n = min(step, stop - start - a)
             part = lab.narrow(axis, a, n)
-            m = part == MIXED
-            idx = m.nonzero()  # (M, 3), 24 bytes per voxel
+            idx = (part == MIXED).nonzero()  # (M, 3) in the chunk, 24 bytes per voxel
             if not idx.shape[0]:
                 continue
             dense = torch.bincount(idx[:, axis], minlength=n) > _DENSE_FRACTION * plane
@@ -214,13 +213,12 @@ def _fill(src: torch.Tensor, lo: int, tables, axis: int, o_start: int, o_stop: i
                     r = rows[g : g + group]
                     vals = _interpolate_slices(src, local, axis, other, r + start + a, plane_out)  # (r, Q0, Q1)
                     part.index_copy_(axis, r, vals.movedim(0, axis))
-                keep = ~dense[idx[:, axis]]
-                m.index_fill_(axis, rows, False)
-                idx = idx[keep]
+                idx = idx[~dense[idx[:, axis]]]
                 if not idx.shape[0]:
                     continue
-            idx[:, axis] += start + a
-            part[m] = _interpolate_argmax(src, idx, local)
+            where = idx.clone()
+            where[:, axis] += start + a  # the voxels' indices in the whole output
+            part[tuple(idx.t())] = _interpolate_argmax(src, where, local)
         labels.narrow(axis, start, stop - start).copy_(lab)
 
 
