@@ -19,16 +19,21 @@ Ratio presets (lists of ``NUM_CLASSES`` numbers, index = label id) used by the b
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from monai.transforms import RandCropByLabelClassesd
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, RandCropByLabelClassesd, Randomizable, SpatialCrop
 from monai.transforms.utils import generate_label_classes_crop_centers, map_classes_to_indices
 
 from flare23.constants import BACKGROUND, NUM_CLASSES, ORGAN_IDS, TUMOR_ID
 from flare23.errors import Flare23Error
+from flare23.roi import margin_voxels
 
-__all__ = ["RandCropByLabelClassesFallbackd", "organ_ratios", "tumor_ratios", "effective_ratios"]
+__all__ = ["RandCropByLabelClassesFallbackd", "RandRoiContextCropd", "organ_ratios", "tumor_ratios", "effective_ratios"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +122,121 @@ class RandCropByLabelClassesFallbackd(RandCropByLabelClassesd):
         cropper.centers = generate_label_classes_crop_centers(
             cropper.spatial_size, cropper.num_samples, shape, indices, ratios, cropper.R, cropper.allow_smaller, False
         )
+
+
+def _margin_range(name: str, value) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise Flare23Error(f"context margins: {name} must be a pair [low, high] of mm, got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < 0 or hi < lo:
+        raise Flare23Error(f"context margins: {name} must satisfy 0 <= low <= high, got [{lo}, {hi}]")
+    return lo, hi
+
+
+class RandRoiContextCropd(Randomizable, MapTransform):
+    """Crop a training case to its labels' box widened by random physical margins: the ROI box's context.
+
+    At inference the fine models see the ROI extractor's box (the abdomen's predicted extent widened by
+    40 mm towards the feet, 20 mm towards the head, 5 mm in-plane; METHOD.md section 3), not the
+    labels' box plus the fixed margin of the training crops. The ROI box is off by a few mm in-plane
+    and by up to about 10 cm along the body axis (it often reaches far towards the feet), so a model
+    trained only on tight crops meets unseen anatomy at the box's ends (a left adrenal "found" in the
+    pelvis, which keep-largest-component then keeps instead of the real one) and organs touching a
+    box side. This transform shows the network that variety: with probability ``prob`` it draws, for
+    each side, a margin uniformly in ``margins_mm[direction]`` = ``[low, high]`` mm (directions
+    ``feet``, ``head``, ``inplane``; physical, converted with the image's affine exactly as the ROI
+    box does, :func:`flare23.roi.margin_voxels`), and crops every key to the box of
+    ``label_key > 0`` widened by them (clamped to the volume). The context can only be as large as
+    the training volume: train on uncropped scans, or on crops whose margin is at least ``high``.
+
+    ``min_size``: the box is grown (around its centre, within the volume) to at least this size,
+    e.g. the patch size, so that no padding is needed after it. ``indices_key``: per-class flat voxel
+    indices from ``ClassesToIndicesd`` (cached before this transform) are mapped into the box, so
+    that the class indices need not be recomputed over the volume for every sample (the box holds
+    all the foreground, so only background indices can drop out).
+
+    MONAI's ``RandSpatialCropd`` / ``RandCropByLabelClassesd`` draw patches, not a box around the
+    foreground with per-side physical margins, hence this component. A case with an empty label is
+    returned unchanged. The crop is a MONAI ``SpatialCrop`` (metadata and affine follow).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        margins_mm: Mapping[str, Sequence[float]] | None = None,
+        prob: float = 1.0,
+        min_size: Sequence[int] | None = None,
+        indices_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.label_key = label_key
+        self.min_size = None if min_size is None else tuple(int(v) for v in min_size)
+        self.indices_key = indices_key
+        margins = dict(margins_mm or {})
+        unknown = set(margins) - {"feet", "head", "inplane"}
+        if unknown:
+            raise Flare23Error(f"context margins: unknown direction(s) {sorted(unknown)}; expected feet, head, inplane")
+        self.margins = {k: _margin_range(k, margins.get(k, (0.0, 0.0))) for k in ("feet", "head", "inplane")}
+        if not 0.0 <= float(prob) <= 1.0:
+            raise Flare23Error(f"context margins: prob must be in [0, 1], got {prob}")
+        self.prob = float(prob)
+        self.last_box: tuple[slice, ...] | None = None
+
+    def _draw(self) -> dict[str, float]:
+        return {k: float(self.R.uniform(lo, hi)) for k, (lo, hi) in self.margins.items()}
+
+    def randomize(self, data=None) -> None:
+        self._do = self.R.rand() < self.prob
+        # two independent draws: one for the sides below (lower array index), one for those above
+        self._below, self._above = self._draw(), self._draw()
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize()
+        self.last_box = None
+        if not self._do:
+            return d
+        label = d[self.label_key]
+        fg = torch.as_tensor(label)[0] > 0 if label.ndim == 4 else torch.as_tensor(label) > 0
+        if not bool(fg.any()):
+            return d
+        affine = label.affine if isinstance(label, MetaTensor) else torch.eye(4, dtype=torch.float64)
+        affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())
+        below, _ = margin_voxels(affine, self._below)
+        _, above = margin_voxels(affine, self._above)
+        nz = torch.nonzero(fg)
+        lo, hi = nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()
+        shape = tuple(int(n) for n in fg.shape)
+        start = [max(0, int(lo[i]) - int(below[i])) for i in range(3)]
+        stop = [min(shape[i], int(hi[i]) + int(above[i])) for i in range(3)]
+        if self.min_size is not None:
+            for i, want in enumerate(self.min_size[:3]):
+                grow = min(want, shape[i]) - (stop[i] - start[i])
+                if grow > 0:  # grow around the centre, then shift back inside the volume
+                    start[i] -= grow // 2
+                    stop[i] += grow - grow // 2
+                    shift = max(0, -start[i]) - max(0, stop[i] - shape[i])
+                    start[i], stop[i] = start[i] + shift, stop[i] + shift
+        box = tuple(slice(a, b) for a, b in zip(start, stop))
+        self.last_box = box
+        crop = SpatialCrop(roi_slices=box)
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        if self.indices_key is not None and d.get(self.indices_key) is not None:
+            d[self.indices_key] = [_indices_in_box(ix, shape, box) for ix in d[self.indices_key]]
+        return d
+
+
+def _indices_in_box(flat, shape: Sequence[int], box: Sequence[slice]):
+    """Flat indices into ``shape`` -> flat indices into the sub-volume ``box`` (those inside it)."""
+    arr = np.asarray(flat.cpu() if isinstance(flat, torch.Tensor) else flat).astype(np.int64, copy=False).ravel()
+    coords = np.unravel_index(arr, tuple(shape))
+    inside = np.ones(arr.shape, bool)
+    for c, b in zip(coords, box):
+        inside &= (c >= b.start) & (c < b.stop)
+    sub = tuple(c[inside] - b.start for c, b in zip(coords, box))
+    out = np.ravel_multi_index(sub, tuple(b.stop - b.start for b in box)) if arr.size else arr
+    return torch.as_tensor(out) if isinstance(flat, torch.Tensor) else out

@@ -12,7 +12,7 @@ from monai.transforms import RandCropByLabelClassesd
 
 from flare23.constants import NUM_CLASSES, ORGAN_IDS, TUMOR_ID
 from flare23.errors import Flare23Error
-from flare23.sampling import RandCropByLabelClassesFallbackd, effective_ratios, organ_ratios, tumor_ratios
+from flare23.sampling import RandCropByLabelClassesFallbackd, RandRoiContextCropd, effective_ratios, organ_ratios, tumor_ratios
 
 torch.set_num_threads(1)
 PATCH = (4, 4, 4)
@@ -151,3 +151,89 @@ def test_ratio_presets():
 def test_bad_ratios(ratios, match):
     with pytest.raises(Flare23Error, match=match):
         make(ratios)
+
+
+# --- RandRoiContextCropd: the ROI box's context in training ------------------------------------
+def _context_case(affine, shape=(40, 36, 30), box=((10, 25), (12, 20), (8, 18))):
+    label = np.zeros((1, *shape), np.uint8)
+    label[0, box[0][0] : box[0][1], box[1][0] : box[1][1], box[2][0] : box[2][1]] = 3
+    label[0, box[0][0], box[1][0], box[2][0]] = 7
+    image = np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
+    a = torch.as_tensor(affine, dtype=torch.float64)
+    return {"image": MetaTensor(torch.as_tensor(image), affine=a), "label": MetaTensor(torch.as_tensor(label), affine=a)}
+
+
+def _fixed(feet, head, inplane):
+    return {"feet": [feet, feet], "head": [head, head], "inplane": [inplane, inplane]}
+
+
+def test_context_crop_margins_are_physical_and_exact():
+    # spacing 2 x 2 x 3 mm; RAS: the feet are at low slice index, LPS with the slice axis flipped: at high index
+    ras = np.diag([2.0, 2.0, 3.0, 1.0])
+    flipped = np.diag([-2.0, -2.0, -3.0, 1.0])
+    for affine, feet_low in ((ras, True), (flipped, False)):
+        t = RandRoiContextCropd(["image", "label"], margins_mm=_fixed(feet=9.0, head=3.0, inplane=3.0))
+        t.set_random_state(0)
+        out = t(_context_case(affine))
+        # in-plane 3 mm / 2 mm -> 2 voxels each side; feet 9 mm / 3 mm -> 3 slices; head 3 mm -> 1 slice
+        z = (8 - 3, 18 + 1) if feet_low else (8 - 1, 18 + 3)
+        assert t.last_box == (slice(8, 27), slice(10, 22), slice(*z))
+        assert tuple(out["image"].shape[1:]) == (19, 12, z[1] - z[0])
+        # the crop keeps the image's voxels and moves the affine with them
+        assert torch.equal(out["image"].as_tensor(), _context_case(affine)["image"][:, 8:27, 10:22, z[0] : z[1]].as_tensor())
+        corner = np.asarray(affine) @ np.array([8, 10, z[0], 1.0])
+        np.testing.assert_allclose(np.asarray(out["image"].affine)[:, 3], corner)
+        assert int((out["label"] > 0).sum()) == int((_context_case(affine)["label"] > 0).sum())
+
+
+def test_context_crop_draws_every_side_within_its_range():
+    t = RandRoiContextCropd(["image", "label"], margins_mm={"feet": [0, 12], "head": [3, 6], "inplane": [0, 8]})
+    t.set_random_state(1)
+    seen = {k: set() for k in ("x0", "x1", "z0", "z1")}
+    for _ in range(200):
+        t(_context_case(np.diag([2.0, 2.0, 3.0, 1.0])))
+        b = t.last_box
+        seen["x0"].add(10 - b[0].start), seen["x1"].add(b[0].stop - 25)
+        seen["z0"].add(8 - b[2].start), seen["z1"].add(b[2].stop - 18)
+    # voxels = ceil(mm / spacing): 0 only for a draw of exactly 0 mm
+    assert seen["x0"] == {1, 2, 3, 4} and seen["x1"] == {1, 2, 3, 4}  # ceil(U(0, 8) / 2)
+    assert seen["z0"] == {1, 2, 3, 4}  # feet: ceil(U(0, 12) / 3)
+    assert seen["z1"] == {2}  # head: ceil(U(3, 6) / 3), never more than 6 mm
+
+
+def test_context_crop_grows_to_min_size_inside_the_volume_and_maps_class_indices():
+    from monai.transforms import ClassesToIndicesd
+
+    data = ClassesToIndicesd("label", num_classes=8, indices_postfix="_cls_indices")(_context_case(np.eye(4)))
+    t = RandRoiContextCropd(
+        ["image", "label"], margins_mm=_fixed(0, 0, 0), min_size=(24, 32, 12), indices_key="label_cls_indices"
+    )
+    out = t(data)
+    b = t.last_box
+    assert tuple(s.stop - s.start for s in b) == (24, 32, 12)
+    assert all(0 <= s.start and s.stop <= n for s, n in zip(b, (40, 36, 30)))
+    assert b[0].start <= 10 and b[0].stop >= 25 and b[1].start <= 12 and b[1].stop >= 20
+    flat = out["label"][0].flatten()
+    for c in (0, 3, 7):
+        ix = torch.as_tensor(out["label_cls_indices"][c])
+        assert len(ix) == int((flat == c).sum())  # every voxel of the class, and only those
+        assert bool((flat[ix] == c).all())
+
+
+def test_context_crop_leaves_empty_labels_and_prob_zero_alone():
+    data = _context_case(np.eye(4))
+    data["label"] = data["label"] * 0
+    out = RandRoiContextCropd(["image", "label"], margins_mm=_fixed(0, 0, 0))(data)
+    assert out["image"].shape == data["image"].shape
+    out = RandRoiContextCropd(["image", "label"], margins_mm=_fixed(0, 0, 0), prob=0.0)(_context_case(np.eye(4)))
+    assert out["image"].shape == (1, 40, 36, 30)
+
+
+@pytest.mark.parametrize(
+    "margins, prob, match",
+    [({"up": [0, 1]}, 1.0, "unknown direction"), ({"feet": [5, 1]}, 1.0, "0 <= low <= high"),
+     ({"feet": 3}, 1.0, "pair"), ({"feet": [-1, 1]}, 1.0, "0 <= low"), ({}, 1.5, "prob")],
+)  # fmt: skip
+def test_context_crop_rejects_bad_settings(margins, prob, match):
+    with pytest.raises(Flare23Error, match=match):
+        RandRoiContextCropd(["image", "label"], margins_mm=margins, prob=prob)
