@@ -24,14 +24,14 @@ import hashlib
 import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from flare23.constants import IMAGE_SUFFIX, LABELS, ORGAN_IDS, TUMOR_ID
+from flare23.constants import CONTEXT_MARGINS_MM, IMAGE_SUFFIX, LABELS, ORGAN_IDS, TUMOR_ID
 from flare23.errors import Flare23Error
 from flare23.io import (
     atomic_path,
@@ -455,7 +455,10 @@ def roi_labels_cli(labels: str, out: str, workers: int = 1) -> None:
 # --- crop ----------------------------------------------------------------------------------------
 def _crop_case(case: str, image_path: Path, label_path: Path, image_out: Path, label_out: Path, margin_mm, require: bool) -> dict:
     image, affine, header, label, label_header = _load_pair(image_path, label_path)
-    box = bbox_with_margin(label > 0, voxel_spacing(affine), margin_mm)
+    if isinstance(margin_mm, Mapping):  # physical directions (feet / head / in-plane), as the ROI box
+        box = bbox_with_physical_margins(label > 0, affine, margin_mm)
+    else:
+        box = bbox_with_margin(label > 0, voxel_spacing(affine), margin_mm)
     if box is None:
         return {"kept": False, "reason": "no labelled voxel"}
     if require and not tumor_inside_organs(label):
@@ -472,8 +475,29 @@ def _crop_case(case: str, image_path: Path, label_path: Path, image_out: Path, l
     return {"kept": True, "box": [[s.start, s.stop] for s in box], "shape": list(image[box].shape)}
 
 
+def bbox_with_physical_margins(mask: np.ndarray, affine, margins_mm: Mapping[str, float]) -> tuple[slice, ...] | None:
+    """Bounding box of ``mask`` widened by margins towards the ``feet``, the ``head`` and ``inplane`` (mm).
+
+    The directions are physical and converted with ``affine`` exactly as the ROI box's margins
+    (:func:`flare23.roi.margin_voxels`); clamped to the array. ``None`` for an empty mask.
+    """
+    from flare23.roi import margin_voxels as physical_margin_voxels  # torch-free function; lazy import
+
+    nz = np.argwhere(mask)
+    if nz.size == 0:
+        return None
+    below, above = physical_margin_voxels(affine, margins_mm)
+    lo, hi = nz.min(0) - below, nz.max(0) + 1 + above
+    return tuple(slice(int(max(0, a)), int(min(n, b))) for a, b, n in zip(lo, hi, mask.shape))
+
+
 def crop_cli(
-    images: str, labels: str, out: str, margin_mm: float = 10.0, require_tumor_in_organs: bool = False, workers: int = 1
+    images: str,
+    labels: str,
+    out: str,
+    margin_mm: float | None = None,
+    require_tumor_in_organs: bool = False,
+    workers: int = 1,
 ) -> None:
     """Crop images and labels to the bounding box of the labels (> 0) plus a margin.
 
@@ -482,7 +506,11 @@ def crop_cli(
         labels: folder of ``<case>.nii.gz`` (the same grid as the images).
         out: output folder; writes ``out/imagesTr/<case>_0000.nii.gz`` and ``out/labelsTr/<case>.nii.gz``
             with the affine shifted so that every voxel keeps its world position.
-        margin_mm: margin around the box in mm, converted per axis with the voxel spacing (rounded up).
+        margin_mm: margin around the box in mm on every side, converted per axis with the voxel
+            spacing (rounded up). Default: the largest training context of the fine models
+            (``flare23.constants.CONTEXT_MARGINS_MM``: 120 mm towards the feet, 60 mm towards the
+            head, 30 mm in-plane, physical directions), so that their context augmentation
+            (``RandRoiContextCropd``) can show them what the ROI box gives at inference.
         require_tumor_in_organs: keep only cases whose tumor bounding box lies inside the organ
             bounding box (cases without tumor are kept), the paper's selection for the tumor model.
         workers: parallel processes.
@@ -490,7 +518,10 @@ def crop_cli(
     Cases without any labelled voxel and cases rejected by the selection are skipped and listed.
     """
     pairs = _pair_folders(images, labels, True, "image", "label")
-    margin_voxels((1.0, 1.0, 1.0), margin_mm)  # validates the option before any work
+    if margin_mm is None:
+        margin_mm = {k: float(hi) for k, (_lo, hi) in CONTEXT_MARGINS_MM.items()}
+    else:
+        margin_voxels((1.0, 1.0, 1.0), margin_mm)  # validates the option before any work
     _check_headers(pairs)
     out = Path(out)
     image_dir = _check_output_dir(out / "imagesTr", [images, labels])
@@ -629,6 +660,7 @@ def datalist_cli(
 
 __all__ = [
     "bbox_with_margin",
+    "bbox_with_physical_margins",
     "box_inside",
     "case_rng",
     "crop_cli",

@@ -594,3 +594,27 @@ def test_read_only_output_folder(tmp_path, capsys, cli):
         locked.chmod(0o700)
     assert info.value.code == 2 and "not writable" in capsys.readouterr().err
     assert _files(locked) == []
+
+
+@pytest.mark.parametrize("z_sign", [1.0, -1.0])  # slice index towards the head (RAS) or towards the feet
+def test_crop_default_keeps_the_training_context_in_physical_directions(tmp_path, z_sign):
+    from flare23.constants import CONTEXT_MARGINS_MM
+
+    shape = (60, 50, 120)
+    affine = np.diag([-2.0, -2.0, 3.0 * z_sign, 1.0])
+    label = np.zeros(shape, np.uint8)
+    label[25:35, 20:28, 50:70] = 1
+    image = np.arange(np.prod(shape), dtype=np.int16).reshape(shape)
+    _write(tmp_path / "in" / "imagesTr" / "c_0000.nii.gz", image, affine)
+    _write(tmp_path / "in" / "labelsTr" / "c.nii.gz", label, affine)
+    datatools.crop_cli(str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "out"))
+    got, got_affine = _read(tmp_path / "out" / "imagesTr" / "c_0000.nii.gz")
+    feet, head, inplane = (CONTEXT_MARGINS_MM[k][1] for k in ("feet", "head", "inplane"))
+    xy = math.ceil(inplane / 2.0)  # 30 mm at 2 mm: 15 voxels, clamped to the volume
+    below_z, above_z = (math.ceil(feet / 3.0), math.ceil(head / 3.0))[:: int(z_sign)]
+    box = (slice(max(0, 25 - xy), min(60, 35 + xy)), slice(max(0, 20 - xy), min(50, 28 + xy)),
+           slice(max(0, 50 - below_z), min(120, 70 + above_z)))  # fmt: skip
+    np.testing.assert_array_equal(got, image[box])
+    np.testing.assert_allclose(got_affine, nib.Nifti1Image(image, affine).slicer[box].affine, atol=1e-5)
+    # 120 mm / 3 mm = 40 slices towards the feet, 60 mm / 3 mm = 20 towards the head, whichever way the slices run
+    assert box[2] == (slice(10, 90) if z_sign > 0 else slice(30, 110))
