@@ -119,7 +119,7 @@ PRESETS: dict[str, dict] = {
         "cases": 20,
         "test_cases": 3,
         "validation_fraction": 0.2,
-        "crop_margin_mm": 10.0,
+        "crop_margin_mm": None,  # flare23 crop default: the largest training context
         "roi_extractor": {
             "network": {"network_def#filters": [8, 16, 32, 64, 64]},
             "train": _fast("roi_extractor", patch_size=[32, 32, 32], max_epochs=10, epoch_length=10, batch_size=2),
@@ -137,7 +137,7 @@ PRESETS: dict[str, dict] = {
         "cases": 6,
         "test_cases": 1,
         "validation_fraction": 0.2,
-        "crop_margin_mm": 10.0,
+        "crop_margin_mm": None,  # flare23 crop default: the largest training context
         "roi_extractor": {
             "network": {"network_def#filters": [4, 8, 8, 8, 8]},
             "train": _fast("roi_extractor", patch_size=[32, 32, 32], max_epochs=2, epoch_length=2, batch_size=2),
