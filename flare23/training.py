@@ -137,12 +137,50 @@ def _check_matches(network: torch.nn.Module, state, path: Path | str) -> None:
         )
 
 
-def load_weights(network: torch.nn.Module, path: str | Path, map_location="cpu", key: str | None = None) -> torch.nn.Module:
+def transfer_state(network: torch.nn.Module, state, path: str | Path) -> dict:
+    """Fit the state dict of a sibling network (the organ model for the tumor model) to ``network``.
+
+    The keys must be the same (same architecture family, same widths). A tensor of the same shape
+    is copied; a kernel whose shape differs only where ``network`` has size 1 along a spatial axis
+    (the tumor model's deepest transposed convolution has stride 1 along z where the organ model's
+    has 2) is summed over that axis, which keeps its response to an input constant along it. Any
+    other difference is a one-line error naming the file.
+    """
+    if not isinstance(state, dict):
+        raise Flare23Error(f"{path}: the network's entry is a {type(state).__name__}, expected a state dict")
+    own = network.state_dict()
+    if set(own) != set(state):
+        missing = [k for k in own if k not in state]
+        raise Flare23Error(
+            f"{path}: cannot transfer weights, the networks differ ({len(missing)} missing keys e.g. {missing[:3]})"
+        )
+    out, summed = {}, []
+    for k, v in own.items():
+        src = state[k]
+        if not isinstance(src, torch.Tensor):
+            raise Flare23Error(f"{path}: cannot transfer weights, {k} is not a tensor")
+        if src.shape == v.shape:
+            out[k] = src
+            continue
+        same_lead = src.ndim == v.ndim and src.ndim > 2 and src.shape[:2] == v.shape[:2]
+        axes = [i for i in range(2, v.ndim) if src.shape[i] != v.shape[i]] if same_lead else []
+        if not same_lead or any(v.shape[i] != 1 for i in axes):
+            raise Flare23Error(f"{path}: cannot transfer weights, {k} is {tuple(src.shape)} there and {tuple(v.shape)} here")
+        out[k] = src.sum(dim=axes, keepdim=True)
+        summed.append(k)
+    logger.info("%s: %d tensors transferred, %d kernels summed to size 1 along an axis %s", path, len(out), len(summed), summed)
+    return out
+
+
+def load_weights(
+    network: torch.nn.Module, path: str | Path, map_location="cpu", key: str | None = None, transfer: bool = False
+) -> torch.nn.Module:
     """Load a state dict into ``network`` strictly; ``key`` selects a sub-dict (e.g. ``"model"``).
 
     A checkpoint saved by ``CheckpointSaver`` with several objects is handled by picking ``key``
     (default: ``"model"`` when present). Keys or shapes that differ from the network's are an
-    error naming the file and the first few offending keys.
+    error naming the file and the first few offending keys. ``transfer=True`` initialises from a
+    sibling network instead (:func:`transfer_state`: the config id ``pretrained_transfer``).
     """
     state = torch_load_safe(path, map_location)
     if key is None and "model" in state and isinstance(state["model"], dict):
@@ -151,6 +189,8 @@ def load_weights(network: torch.nn.Module, path: str | Path, map_location="cpu",
         if key not in state:
             raise Flare23Error(f"{path}: checkpoint has no entry {key!r} (has {sorted(state)[:5]})")
         state = state[key]
+    if transfer:
+        state = transfer_state(network, state, path)
     _check_matches(network, state, path)
     network.load_state_dict(state, strict=True)
     return network

@@ -483,3 +483,39 @@ def test_atomic_writer_and_case_names(tmp_path):
 
 logging.getLogger("ignite").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*TensorBoard.*")
+
+
+def _bundle_network(bundle: str, filters):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+    parser.update({"network_def#filters": list(filters)})
+    return parser.get_parsed_content("network_def")
+
+
+def test_transfer_initialises_the_tumor_model_from_the_organ_model(tmp_path):
+    from flare23.training import load_weights
+
+    torch.manual_seed(0)
+    organ, tumor = _bundle_network("organ_seg", [4, 4, 8, 8, 8, 8]), _bundle_network("tumor_seg", [4, 4, 8, 8, 8, 8])
+    torch.save(organ.state_dict(), tmp_path / "organ.pt")
+    with pytest.raises(Flare23Error, match="organ.pt: checkpoint shapes do not match"):
+        load_weights(tumor, tmp_path / "organ.pt")  # strict by default
+    load_weights(tumor, tmp_path / "organ.pt", transfer=True)
+    src, dst = organ.state_dict(), tumor.state_dict()
+    differ = [k for k in dst if src[k].shape != dst[k].shape]
+    assert differ and all(k.endswith("transp_conv.conv.weight") for k in differ)
+    assert all(torch.equal(dst[k], src[k]) for k in dst if k not in differ)
+    # the deepest up-sampling: stride 2 along z in the organ model, 1 in the tumor model; with the
+    # summed kernel, slice i of the tumor layer's output is the sum of the organ layer's slices 2i, 2i+1
+    up_o, up_t = organ.upsamples[0].transp_conv.conv, tumor.upsamples[0].transp_conv.conv
+    assert up_o.stride[-1] == 2 and up_t.stride[-1] == 1 and up_o.bias is None and up_t.bias is None
+    x = torch.randn(1, up_o.in_channels, 2, 3, 4)
+    with torch.no_grad():
+        yo, yt = up_o(x), up_t(x)
+    torch.testing.assert_close(yt, yo[..., 0::2] + yo[..., 1::2], rtol=1e-5, atol=1e-5)
+    # networks of other widths do not transfer
+    torch.save(_bundle_network("organ_seg", [4, 8, 8, 8, 8, 8]).state_dict(), tmp_path / "wider.pt")
+    with pytest.raises(Flare23Error, match=r"wider.pt: cannot transfer weights, .* there and .* here"):
+        load_weights(tumor, tmp_path / "wider.pt", transfer=True)
