@@ -50,20 +50,8 @@ PARTIAL_FIVE_ORGANS: tuple[int, ...] = (1, 2, 3, 4, 13)
 # --- evaluation (METHOD.md section 6) ---------------------------------------------------------
 #: NSD tolerance in mm per label id.
 NSD_TOLERANCE_MM: dict[int, float] = {
-    1: 5.0,
-    2: 3.0,
-    3: 3.0,
-    4: 5.0,
-    5: 2.0,
-    6: 2.0,
-    7: 2.0,
-    8: 2.0,
-    9: 2.0,
-    10: 3.0,
-    11: 5.0,
-    12: 7.0,
-    13: 3.0,
-    14: 2.0,
+    1: 5.0, 2: 3.0, 3: 3.0, 4: 5.0, 5: 2.0, 6: 2.0, 7: 2.0,
+    8: 2.0, 9: 2.0, 10: 3.0, 11: 5.0, 12: 7.0, 13: 3.0, 14: 2.0,
 }
 #: Tubular structures whose masks are restricted to the reference's z-range before scoring.
 SLAB_RESTRICTED_IDS: tuple[int, ...] = (5, 6, 10)
@@ -95,7 +83,7 @@ ROI_NUM_CLASSES = 2
 #: Training context of the fine models: each sample is cropped to its labels' box widened by a margin
 #: drawn uniformly in [low, high] mm per side (``flare23.sampling.RandRoiContextCropd``), to show the
 #: networks what the ROI box gives them at inference (the margins above plus the ROI model's error,
-#: up to about 10 cm towards the feet on the validation phantoms). ``flare23 crop`` keeps ``high``.
+#: up to about 8 cm further towards the feet than the labels on the held-out phantoms). ``flare23 crop`` keeps ``high``.
 CONTEXT_MARGINS_MM: dict[str, tuple[float, float]] = {"feet": (0.0, 120.0), "head": (0.0, 60.0), "inplane": (0.0, 30.0)}
 ROI_ENCODER_DEPTHS = (2, 2, 4, 6, 4)
 ROI_STRIDES = (1, 2, 2, 2, 2)

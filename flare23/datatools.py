@@ -481,7 +481,7 @@ def bbox_with_physical_margins(mask: np.ndarray, affine, margins_mm: Mapping[str
     The directions are physical and converted with ``affine`` exactly as the ROI box's margins
     (:func:`flare23.roi.margin_voxels`); clamped to the array. ``None`` for an empty mask.
     """
-    from flare23.roi import margin_voxels as physical_margin_voxels  # torch-free function; lazy import
+    from flare23.roi import margin_voxels as physical_margin_voxels  # lazy: flare23.roi imports torch
 
     nz = np.argwhere(mask)
     if nz.size == 0:

@@ -140,7 +140,7 @@ class RandRoiContextCropd(Randomizable, MapTransform):
     At inference the fine models see the ROI extractor's box (the abdomen's predicted extent widened by
     40 mm towards the feet, 20 mm towards the head, 5 mm in-plane; METHOD.md section 3), not the
     labels' box plus the fixed margin of the training crops. The ROI box is off by a few mm in-plane
-    and by up to about 10 cm along the body axis (it often reaches far towards the feet), so a model
+    and by up to about 8 cm along the body axis (it often reaches far towards the feet), so a model
     trained only on tight crops meets unseen anatomy at the box's ends (a left adrenal "found" in the
     pelvis, which keep-largest-component then keeps instead of the real one) and organs touching a
     box side. This transform shows the network that variety: with probability ``prob`` it draws, for

@@ -189,7 +189,7 @@ def load_weights(
         if key not in state:
             raise Flare23Error(f"{path}: checkpoint has no entry {key!r} (has {sorted(state)[:5]})")
         state = state[key]
-    if transfer:
+    if as_bool(transfer, "pretrained_transfer"):  # a command line gives the string "false"
         state = transfer_state(network, state, path)
     _check_matches(network, state, path)
     network.load_state_dict(state, strict=True)

@@ -502,7 +502,9 @@ def test_transfer_initialises_the_tumor_model_from_the_organ_model(tmp_path):
     torch.save(organ.state_dict(), tmp_path / "organ.pt")
     with pytest.raises(Flare23Error, match="organ.pt: checkpoint shapes do not match"):
         load_weights(tumor, tmp_path / "organ.pt")  # strict by default
-    load_weights(tumor, tmp_path / "organ.pt", transfer=True)
+    with pytest.raises(Flare23Error, match="organ.pt: checkpoint shapes do not match"):
+        load_weights(tumor, tmp_path / "organ.pt", transfer="false")  # as a command line gives it
+    load_weights(tumor, tmp_path / "organ.pt", transfer="true")
     src, dst = organ.state_dict(), tumor.state_dict()
     differ = [k for k in dst if src[k].shape != dst[k].shape]
     assert differ and all(k.endswith("transp_conv.conv.weight") for k in differ)
