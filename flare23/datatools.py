@@ -475,11 +475,14 @@ def _crop_case(case: str, image_path: Path, label_path: Path, image_out: Path, l
     return {"kept": True, "box": [[s.start, s.stop] for s in box], "shape": list(image[box].shape)}
 
 
-def bbox_with_physical_margins(mask: np.ndarray, affine, margins_mm: Mapping[str, float]) -> tuple[slice, ...] | None:
+def bbox_with_physical_margins(
+    mask: np.ndarray, affine, margins_mm: Mapping[str, float], margins_above_mm: Mapping[str, float] | None = None
+) -> tuple[slice, ...] | None:
     """Bounding box of ``mask`` widened by margins towards the ``feet``, the ``head`` and ``inplane`` (mm).
 
     The directions are physical and converted with ``affine`` exactly as the ROI box's margins
     (:func:`flare23.roi.margin_voxels`); clamped to the array. ``None`` for an empty mask.
+    ``margins_above_mm``: other margins for the sides at the higher array indices (default: the same).
     """
     from flare23.roi import margin_voxels as physical_margin_voxels  # lazy: flare23.roi imports torch
 
@@ -487,6 +490,8 @@ def bbox_with_physical_margins(mask: np.ndarray, affine, margins_mm: Mapping[str
     if nz.size == 0:
         return None
     below, above = physical_margin_voxels(affine, margins_mm)
+    if margins_above_mm is not None:
+        above = physical_margin_voxels(affine, margins_above_mm)[1]
     lo, hi = nz.min(0) - below, nz.max(0) + 1 + above
     return tuple(slice(int(max(0, a)), int(min(n, b))) for a, b, n in zip(lo, hi, mask.shape))
 

@@ -30,8 +30,8 @@ from monai.transforms import MapTransform, RandCropByLabelClassesd, Randomizable
 from monai.transforms.utils import generate_label_classes_crop_centers, map_classes_to_indices
 
 from flare23.constants import BACKGROUND, NUM_CLASSES, ORGAN_IDS, TUMOR_ID
+from flare23.datatools import bbox_with_physical_margins
 from flare23.errors import Flare23Error
-from flare23.roi import margin_voxels
 
 __all__ = ["RandCropByLabelClassesFallbackd", "RandRoiContextCropd", "organ_ratios", "tumor_ratios", "effective_ratios"]
 
@@ -146,7 +146,7 @@ class RandRoiContextCropd(Randomizable, MapTransform):
     box side. This transform shows the network that variety: with probability ``prob`` it draws, for
     each side, a margin uniformly in ``margins_mm[direction]`` = ``[low, high]`` mm (directions
     ``feet``, ``head``, ``inplane``; physical, converted with the image's affine exactly as the ROI
-    box does, :func:`flare23.roi.margin_voxels`), and crops every key to the box of
+    box does, :func:`flare23.datatools.bbox_with_physical_margins`), and crops every key to the box of
     ``label_key > 0`` widened by them (clamped to the volume). The context can only be as large as
     the training volume: train on uncropped scans, or on crops whose margin is at least ``high``.
 
@@ -200,18 +200,14 @@ class RandRoiContextCropd(Randomizable, MapTransform):
         if not self._do:
             return d
         label = d[self.label_key]
-        fg = torch.as_tensor(label)[0] > 0 if label.ndim == 4 else torch.as_tensor(label) > 0
-        if not bool(fg.any()):
-            return d
+        fg = np.asarray((torch.as_tensor(label)[0] if label.ndim == 4 else torch.as_tensor(label)).cpu()) > 0
         affine = label.affine if isinstance(label, MetaTensor) else torch.eye(4, dtype=torch.float64)
         affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())
-        below, _ = margin_voxels(affine, self._below)
-        _, above = margin_voxels(affine, self._above)
-        nz = torch.nonzero(fg)
-        lo, hi = nz.min(0).values.tolist(), (nz.max(0).values + 1).tolist()
+        box = bbox_with_physical_margins(fg, affine, self._below, self._above)
+        if box is None:
+            return d
         shape = tuple(int(n) for n in fg.shape)
-        start = [max(0, int(lo[i]) - int(below[i])) for i in range(3)]
-        stop = [min(shape[i], int(hi[i]) + int(above[i])) for i in range(3)]
+        start, stop = [b.start for b in box], [b.stop for b in box]
         if self.min_size is not None:
             for i, want in enumerate(self.min_size[:3]):
                 grow = min(want, shape[i]) - (stop[i] - start[i])
