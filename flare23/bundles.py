@@ -16,7 +16,18 @@ from flare23.errors import Flare23Error
 
 
 class SubBundle:
-    """A parsed config of another bundle: ``SubBundle(path).get("network_def")``."""
+    """A parsed config of another bundle: ``SubBundle(path).get("network_def")``.
+
+    ``overrides`` maps ids of the sub-bundle to new values, as on MONAI's command line: a key may
+    name a nested id (``"network_def#strides"``). A dict value without ``_target_`` given for an id
+    whose current content is a dict is *merged* into it, key by key and recursively:
+    ``{"network_def": {"strides": [...]}}`` changes only the strides. That nested spelling is the
+    one to use for ``$`` expressions when the overrides come through another config (the
+    pipeline's ``*_overrides`` ids): MONAI's parser of that config cannot resolve an expression
+    under a key that contains ``#`` (it splits the key into levels that do not exist), while it
+    evaluates ``{"network_def": {"strides": "$flare23.constants.ORGAN_STRIDES_XYZ"}}`` in its own
+    scope and hands the value over. A dict with ``_target_`` replaces the component whole.
+    """
 
     def __init__(self, bundle_dir: str | Path, config: str = "inference.json", overrides: dict | None = None):
         from monai.bundle import ConfigParser
@@ -29,8 +40,18 @@ class SubBundle:
         self.parser.read_config(str(path))
         self.parser["bundle_root"] = str(self.bundle_dir)
         for key, value in (overrides or {}).items():
-            self.parser[key] = value
+            self._apply(str(key), value)
         self._cache: dict = {}
+
+    def _apply(self, key: str, value) -> None:
+        """Set ``key`` to ``value``, merging a plain dict into a dict id (see the class docstring)."""
+        if isinstance(value, dict) and "_target_" not in value and key in self.parser:
+            current = self.parser[key]
+            if isinstance(current, dict):
+                for sub, sub_value in value.items():
+                    self._apply(f"{key}#{sub}", sub_value)
+                return
+        self.parser[key] = value
 
     def get(self, key: str, default=None):
         """The parsed content of ``key`` (instantiated for components), cached per key."""

@@ -126,3 +126,40 @@ def test_roi_parameters_come_from_the_roi_bundle_except_the_mirrored_pass():
     parser["roi_mirror_axes"] = [0]
     parser.parse(True)
     assert parser.get_parsed_content("inferer#roi_params")["mirror_axes"] == [0]
+
+
+def test_sub_bundle_overrides_take_expressions_in_the_nested_spelling_and_merge_dicts():
+    """`--tumor_overrides "{'network_def': {'strides': '$...'}}"` reaches the tumor bundle merged into its network."""
+    from monai.bundle import ConfigParser
+
+    from flare23.bundles import SubBundle
+    from flare23.constants import ORGAN_STRIDES_XYZ
+
+    tumor = SubBundle(ROOT / "bundles" / "tumor_seg", "inference.json", {})
+    default = tumor.parser["network_def"]
+    assert [list(s) for s in default["strides"]] != [list(s) for s in ORGAN_STRIDES_XYZ]  # the override is a change
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser["bundle_root"] = str(ROOT / "bundles" / "pipeline")
+    parser["tumor_overrides"] = {
+        "network_def#filters": [4, 8, 8, 8, 8, 8],  # the flat spelling, literal value
+        "network_def": {
+            "strides": "$flare23.constants.ORGAN_STRIDES_XYZ",
+            "upsample_kernel_size": "$flare23.constants.ORGAN_STRIDES_XYZ[1:]",
+        },
+        "overlap": 0.25,
+    }
+    sub = parser.get_parsed_content("tumor_config")
+    net = sub.parser["network_def"]
+    assert [list(s) for s in net["strides"]] == [list(s) for s in ORGAN_STRIDES_XYZ]
+    assert [list(s) for s in net["upsample_kernel_size"]] == [list(s) for s in ORGAN_STRIDES_XYZ[1:]]
+    assert list(net["filters"]) == [4, 8, 8, 8, 8, 8]
+    for key in set(default) - {"strides", "upsample_kernel_size", "filters"}:  # the rest is the bundle's own
+        assert net[key] == default[key], key
+    assert sub.get("overlap") == 0.25
+    built = sub.network()
+    assert [list(s) for s in built.strides] == [list(s) for s in ORGAN_STRIDES_XYZ]
+    # a dict with _target_ replaces the component whole
+    other = SubBundle(ROOT / "bundles" / "tumor_seg", "inference.json",
+                      {"network_def": {"_target_": "torch.nn.Identity"}})  # fmt: skip
+    assert other.parser["network_def"] == {"_target_": "torch.nn.Identity"}
