@@ -17,6 +17,9 @@
   left by an interrupted save. A scheduler with a ``total_iters`` horizon (``PolynomialLR``) keeps the
   horizon of the *current* config: resuming with a larger ``max_epochs`` continues the poly decay
   towards the new end instead of reaching 0 at the old one.
+* :class:`TimeBudget` (configs' ``time_budget_s``) fits a training into a wall-clock budget: it times the
+  first epochs and lowers ``max_epochs`` and the poly horizon (:func:`set_horizon`) so that the decay
+  completes within the budget.
 * :func:`load_weights` loads an untrusted checkpoint with ``weights_only=True`` and refuses missing,
   unexpected or mis-shaped keys with a one-line error instead of a partial load.
 
@@ -33,6 +36,7 @@ import os
 import pickle
 import re
 import stat
+import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -465,20 +469,115 @@ class ResumeFromLast:
         old = scheduler.total_iters
         if old == total:
             return
-        scheduler.total_iters = total
-        closed_form = getattr(scheduler, "_get_closed_form_lr", None)
-        if closed_form is None:  # pragma: no cover - every torch scheduler with total_iters has one
+        lr = set_horizon(scheduler, total)
+        if lr is None:  # pragma: no cover - every torch scheduler with total_iters has a closed form
             self.logger.warning("%s: lr schedule horizon set from %s to %s; lr left at its checkpoint value", path, old, total)
             return
-        lrs = closed_form()
-        for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        scheduler._last_lr = list(lrs)
         self.logger.info(
             "lr schedule horizon: checkpoint %s had %s steps, this run has %s (max_epochs); lr at step %d set to %.6g",
-            path.name, old, total, scheduler.last_epoch, lrs[0],
+            path.name, old, total, scheduler.last_epoch, lr,
         )  # fmt: skip
+
+
+def set_horizon(scheduler, total: int) -> float | None:
+    """Give a scheduler with ``total_iters`` (``PolynomialLR``) a new horizon and set the learning rate to its
+    closed form at the current step, so the schedule is the one a run with that horizon follows from here on.
+    Returns the new learning rate of the first group, or ``None`` when the scheduler has no closed form."""
+    scheduler.total_iters = int(total)
+    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+    if closed_form is None:  # pragma: no cover
+        return None
+    lrs = closed_form()
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+    return float(lrs[0])
 
 
 def _has_horizon(obj) -> bool:
     return isinstance(obj, torch.optim.lr_scheduler.LRScheduler) and isinstance(getattr(obj, "total_iters", None), int)
+
+
+# --- wall-clock budget -------------------------------------------------------------------------------------------------
+
+
+class TimeBudget:
+    """Ignite handler: end a training within ``budget_s`` seconds of wall clock, with its learning-rate decay complete.
+
+    For a job with a time limit (a cluster slot, a borrowed GPU): the configs' ``time_budget_s`` (0: off,
+    the default). The first epoch is taken as warm-up (workers, caches, cuDNN autotuning); after each of the
+    next ``calibration_epochs`` epochs the handler measures the epoch time (the mean so far, or the last
+    epoch's where that is longer; validation included) and, where ``max_epochs`` would not fit in what is
+    left, lowers ``max_epochs`` to the number that does and gives ``lr_scheduler`` (a ``PolynomialLR``)
+    that horizon, so the poly decay reaches 0 at the new end (:func:`set_horizon`). After calibration it
+    only stops the run early, at an epoch end, when the next epoch would not fit. It never raises
+    ``max_epochs``. A run may end up to about one epoch after the budget. ``--max_epochs N`` with the N it
+    logs gives nearly the same schedule without a budget (only the calibration epochs' learning rates
+    differ, by the horizon they were computed with). Under DDP, rank 0's
+    decision is broadcast, so every rank stops at the same epoch. The budget counts from ``Events.STARTED``
+    (dataset caching before it is not counted); a resumed run gets the whole budget again.
+    """
+
+    def __init__(self, budget_s: float = 0.0, lr_scheduler=None, calibration_epochs: int = 2, clock=None):
+        try:
+            self.budget_s = float(budget_s or 0.0)
+        except (TypeError, ValueError):
+            raise Flare23Error(f"time_budget_s must be a number of seconds, got {budget_s!r}") from None
+        if self.budget_s < 0 or self.budget_s != self.budget_s:
+            raise Flare23Error(f"time_budget_s must be >= 0 (0: no budget), got {budget_s!r}")
+        if int(calibration_epochs) < 1:
+            raise Flare23Error(f"TimeBudget: calibration_epochs must be >= 1, got {calibration_epochs!r}")
+        self.lr_scheduler = lr_scheduler
+        self.calibration_epochs = int(calibration_epochs)
+        self.clock = clock or time.monotonic
+        self.logger = logging.getLogger(__name__)
+        self.fitted_epochs: int | None = None
+        self._t0 = self._t_first = self._t_last = None
+        self._done = 0
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.budget_s <= 0:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _started(self, engine) -> None:
+        self._t0, self._t_first, self._t_last, self._done = self.clock(), None, None, 0
+
+    @staticmethod
+    def _agree(value: int) -> int:
+        import ignite.distributed as idist
+
+        return int(idist.broadcast(int(value), src=0)) if idist.get_world_size() > 1 else int(value)
+
+    def _epoch_completed(self, engine) -> None:
+        now = self.clock()
+        self._done += 1
+        last, self._t_last = now - (self._t_last or now), now
+        if self._done == 1:
+            self._t_first = now
+            return
+        per_epoch = max((now - self._t_first) / (self._done - 1), last)  # the last epoch counts when epochs slow down
+        left = self._t0 + self.budget_s - now
+        epoch = engine.state.epoch
+        if self._done <= 1 + self.calibration_epochs:
+            fit = self._agree(epoch + max(1, int(left // per_epoch)) if per_epoch > 0 else engine.state.max_epochs)
+            if fit < engine.state.max_epochs:
+                engine.state.max_epochs = fit
+                self.fitted_epochs = fit
+                lr = set_horizon(self.lr_scheduler, fit) if _has_horizon(self.lr_scheduler) else None
+                self.logger.info(
+                    "time budget %.0f s: %.1f s per epoch, %.0f s left after epoch %d: max_epochs set to %d%s",
+                    self.budget_s, per_epoch, left, epoch, fit, "" if lr is None else f" (poly horizon too, lr now {lr:.3g})",
+                )  # fmt: skip
+        elif self._agree(left < per_epoch and epoch < engine.state.max_epochs):
+            self.logger.info(
+                "time budget %.0f s: %.0f s left, an epoch takes %.1f s: stopping after epoch %d",
+                self.budget_s,
+                left,
+                per_epoch,
+                epoch,
+            )
+            engine.terminate()

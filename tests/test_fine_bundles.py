@@ -148,6 +148,26 @@ def test_resume_from_last_checkpoint(trained, tmp_path):
     wf.finalize()
 
 
+def test_time_budget_shortens_the_run_and_completes_the_poly_decay(phantoms, tmp_path):
+    """--time_budget_s through the config: a budget already spent after epoch 2 leaves one more epoch, lr -> 0."""
+    from flare23.training import TimeBudget
+
+    bundle = "tumor_seg"
+    over = tiny(bundle, **TRAIN, dataset_dir=str(phantoms), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
+    wf = workflow(bundle, ["train.json"], "train", **{**over, "max_epochs": 6, "time_budget_s": 0.001})
+    wf.initialize()
+    budget = [h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, TimeBudget)]
+    sched = wf.parser.get_parsed_content("lr_scheduler")
+    assert len(budget) == 1 and budget[0].budget_s == 0.001 and budget[0].lr_scheduler is sched
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 3 and budget[0].fitted_epochs == 3
+    assert sched.total_iters == 3 and sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    wf.finalize()
+    # default: no budget, nothing attached (the configured max_epochs rule)
+    assert workflow(bundle, ["train.json"], "train", **over).parser.get_parsed_content("time_budget_s") == 0
+
+
 # --- evaluation on the original grid --------------------------------------------------------------------------------
 
 
