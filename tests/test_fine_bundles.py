@@ -168,6 +168,30 @@ def test_time_budget_shortens_the_run_and_completes_the_poly_decay(phantoms, tmp
     assert workflow(bundle, ["train.json"], "train", **over).parser.get_parsed_content("time_budget_s") == 0
 
 
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_command_line_booleans_are_read_as_booleans(bundle, phantoms, tmp_path):
+    """fire hands `--amp false` / `--show_progress false` over as the string "false", which Python reads as true."""
+    from ignite.handlers import ProgressBar
+
+    over = tiny(bundle, dataset_dir=str(phantoms), ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "r"), cache_rate=0.0)
+    parser = workflow(bundle, ["train.json"], "train", **over, amp="false", show_progress="false").parser
+    assert parser.get_parsed_content("train#trainer").amp is False
+    assert parser.get_parsed_content("validate#evaluator").amp is False
+    bars = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, ProgressBar)]
+    assert len(bars) == 1 and bars[0].tqdm_kwargs["disable"] is True
+    parser = workflow(bundle, ["train.json"], "train", **over, show_progress="True").parser
+    bars = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, ProgressBar)]
+    assert bars[0].tqdm_kwargs["disable"] is False
+    infer = workflow(
+        bundle, ["inference.json"], "infer", **tiny(bundle), dataset_dir=str(phantoms / "imagesTr"), amp="false"
+    ).parser
+    assert infer.get_parsed_content("evaluator").amp is False
+    with pytest.raises(Exception, match="amp"):
+        workflow(
+            bundle, ["inference.json"], "infer", **tiny(bundle), dataset_dir=str(phantoms / "imagesTr"), amp="maybe"
+        ).parser.get_parsed_content("evaluator")
+
+
 # --- evaluation on the original grid --------------------------------------------------------------------------------
 
 
