@@ -208,6 +208,36 @@ def test_bbox_with_margin_against_argwhere():
     assert datatools.margin_voxels(spacing, 2.4) == (3, 2, 1)
 
 
+def test_mask_box_against_argwhere():
+    rng = np.random.default_rng(5)
+    for shape in [(30, 25, 12), (9, 7), (40,), (1, 1, 1)]:
+        for _ in range(15):
+            mask = rng.random(shape) < rng.choice([0.0, 0.001, 0.05, 0.6])
+            values = mask * rng.integers(1, 15, shape)  # a label map: nonzero counts, whatever the label
+            idx = np.argwhere(mask)
+            expected = None if idx.size == 0 else tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0)))
+            assert datatools.mask_box(mask) == expected
+            assert datatools.mask_box(values) == expected
+
+
+def test_bbox_with_physical_margins_against_argwhere():
+    from flare23.roi import margin_voxels as physical
+
+    rng = np.random.default_rng(6)
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like in-plane flips: "feet" is still the lower z
+    margins, above = {"feet": 10.0, "head": 5.0, "inplane": 3.0}, {"feet": 0.0, "head": 12.5, "inplane": 1.6}
+    for _ in range(20):
+        mask = rng.random((30, 25, 12)) < rng.choice([0.0, 0.002, 0.3])
+        idx = np.argwhere(mask)
+        got = datatools.bbox_with_physical_margins(mask, affine, margins, above)
+        if idx.size == 0:
+            assert got is None
+            continue
+        lo = idx.min(0) - physical(affine, margins)[0]
+        hi = idx.max(0) + 1 + physical(affine, above)[1]
+        assert got == tuple(slice(int(max(0, a)), int(min(n, b))) for a, b, n in zip(lo, hi, mask.shape))
+
+
 def test_tumor_inside_organs_selection():
     label = np.zeros((20, 20, 20), dtype=np.uint8)
     label[2:15, 3:16, 4:17] = 1
