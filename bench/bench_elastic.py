@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from bench_evaluate import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -68,17 +68,6 @@ def _time(kind, prob, shape, samples, repeats):
     return statistics.median(runs), runs
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patch", default="96,96,48", help="patch size x,y,z (default: the GPU run's 96,96,48)")
@@ -89,7 +78,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     shape = tuple(int(v) for v in args.patch.split(","))
     print(f"patch {shape}, {args.samples} calls x {args.repeats} repeats, torch threads {args.threads}")
-    print(f"hardware: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"hardware: {hardware()}, torch {torch.__version__}")
     print("| prob | MONAI Rand3DElasticd ms/patch | RandElastic3Dd ms/patch | ratio |")
     print("|---|---|---|---|")
     for prob, samples in ((0.0, args.samples), (0.2, args.samples), (1.0, max(4, args.samples // 4))):

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,20 +29,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from bench_evaluate import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _dataset(bundle: str, data: Path, patch, spacing, elastic: str):
@@ -120,9 +108,7 @@ def main(argv=None) -> int:
     print(
         f"bundle {args.bundle}, patch {patch} at {spacing} mm, {args.cases} small phantoms, {args.samples} patches x {args.repeats} repeats"
     )
-    print(
-        f"hardware: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({args.threads} thread), Python {platform.python_version()}"
-    )
+    print(f"hardware: {hardware()}, torch {torch.__version__}")
     print("| random part per patch | median ms | runs ms | patches/s per core |")
     print("|---|---|---|---|")
     print(f"| ours (RandElastic3Dd) | {m_ours:.1f} | {', '.join(f'{v:.1f}' for v in r_ours)} | {1000 / m_ours:.1f} |")
