@@ -61,6 +61,7 @@ from flare23.constants import (
     SLAB_RESTRICTED_IDS,
     TUMOR_ID,
 )
+from flare23.datatools import mask_box
 from flare23.errors import Flare23Error
 
 __all__ = [
@@ -147,7 +148,7 @@ def surface_distances(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[float]
     pred = np.asarray(pred, dtype=bool)
     if gt.ndim != 3 or gt.shape != pred.shape:
         raise Flare23Error(f"masks must be 3D and of the same shape, got {gt.shape} and {pred.shape}")
-    box = _bbox_of(gt | pred)
+    box = mask_box(gt | pred)
     if box is None:
         empty = np.zeros(0)
         return {
@@ -178,11 +179,6 @@ def _surface_distances_cropped(gt: np.ndarray, pred: np.ndarray, spacing: tuple[
         "surfel_areas_gt": table[code_gt[border_gt]],
         "surfel_areas_pred": table[code_pred[border_pred]],
     }
-
-
-def _bbox_of(mask: np.ndarray) -> tuple[slice, ...] | None:
-    objects = ndimage.find_objects(mask.astype(np.uint8, copy=False))
-    return objects[0] if objects else None
 
 
 def _surface_dice_cropped(gt: np.ndarray, pred: np.ndarray, spacing: tuple[float, float, float], tolerance_mm: float) -> float:
@@ -220,7 +216,7 @@ def normalized_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing: Sequence[
     pred = np.asarray(pred, dtype=bool)
     if gt.ndim != 3 or gt.shape != pred.shape:
         raise Flare23Error(f"masks must be 3D and of the same shape, got {gt.shape} and {pred.shape}")
-    box_gt, box_pred = _bbox_of(gt), _bbox_of(pred)
+    box_gt, box_pred = mask_box(gt), mask_box(pred)
     if box_gt is None and box_pred is None:
         return 1.0
     if box_gt is None or box_pred is None:
