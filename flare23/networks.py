@@ -1,4 +1,5 @@
-"""The light 3D U-Net of the ROI extractor (METHOD.md section 3) and batch-norm folding.
+"""The light 3D U-Net of the ROI extractor (METHOD.md section 3), batch-norm folding, and
+:class:`NnDynUNet`, a ``DynUNet`` whose decoder kernels follow nnU-Net.
 
 :class:`LightUNet` follows the paper's description: an initial conv-BN-ReLU layer, then 5 encoder
 stages with ``encoder_depths`` = (2, 2, 4, 6, 4) conv-BN-ReLU blocks (3 x 3 x 3), the first of each
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution
+from monai.networks.blocks.dynunet_block import UnetUpBlock
+from monai.networks.nets import DynUNet
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -110,6 +113,38 @@ class LightUNet(nn.Module):
         for up, dec in zip(self.upsamples, self.decoder):
             x = dec(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
+
+
+class NnDynUNet(DynUNet):
+    """MONAI ``DynUNet`` with nnU-Net's decoder kernels (same arguments, same module names).
+
+    nnU-Net's decoder merges the skip of encoder stage ``s`` with convolutions of that stage's
+    kernel (``dynamic_network_architectures``' ``UNetDecoder`` takes ``kernel_sizes[-(s + 1)]``).
+    MONAI 1.6.1's ``DynUNet.get_upsamples`` takes ``kernel_size[1:]`` instead, i.e. the kernel of
+    the stage *below*: with the method's kernels ([1,3,3], then [3,3,3]) the full-resolution decoder
+    block convolves with 3 x 3 x 3 where nnU-Net (and the paper's network) uses 1 x 3 x 3. A CPU
+    training step of the phantom runs' network (widths 8-64, 64 x 64 x 32) is 1.07x faster with
+    nnU-Net's kernel (``bench/bench_network.py``); the point is fidelity.
+
+    Only the kernel of each up-block's convolutions changes; strides, transposed convolutions,
+    widths, deep supervision and the state-dict keys are DynUNet's (``tests/test_networks.py``).
+    Checkpoints are not interchangeable with ``DynUNet`` when the first two kernels differ (the
+    full-resolution decoder's weights have another shape; ``load_state_dict`` reports the size
+    mismatch).
+    """
+
+    def get_upsamples(self):
+        inp, out = self.filters[1:][::-1], self.filters[:-1][::-1]
+        strides, kernel_size = self.strides[1:][::-1], self.kernel_size[:-1][::-1]
+        return self.get_module_list(
+            inp,
+            out,
+            kernel_size,
+            strides,
+            UnetUpBlock,
+            self.upsample_kernel_size[::-1],
+            trans_bias=self.trans_bias,
+        )
 
 
 def count_parameters(module: nn.Module) -> int:

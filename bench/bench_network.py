@@ -1,0 +1,101 @@
+"""Time one training step of MONAI's ``DynUNet`` against ``flare23.networks.NnDynUNet`` (nnU-Net's decoder kernels).
+
+    python bench/bench_network.py [--strides organ|tumor] [--filters 8,16,32,64,64,64] [--patch 64,64,32]
+                                  [--batch 2] [--steps 6] [--repeats 3] [--threads 2]
+
+Both networks get the bundles' settings (residual blocks, instance norm, LeakyReLU, deep supervision
+with 3 heads, the method's kernels [1,3,3] then [3,3,3]) and the same input. A step is forward, the
+stacked deep-supervision output's mean square as the loss, backward and an Adam update: the work of
+one training iteration without the data loader. The two networks alternate within each repeat so
+that a slower or faster phase of a shared machine hits both.
+
+Prints the median over ``--repeats`` of the median step time over ``--steps`` steps (the first step
+of each network is a warm-up and not timed), the ratio DynUNet / NnDynUNet, the parameter counts,
+and the hardware. The networks differ only in the full-resolution decoder block's kernels
+(``tests/test_networks.py``), so the ratio is the cost of MONAI's 3 x 3 x 3 kernel there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from bench_evaluate import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from monai.networks.nets import DynUNet  # noqa: E402
+
+from flare23 import constants  # noqa: E402
+from flare23.networks import NnDynUNet, count_parameters  # noqa: E402
+
+
+def _network(cls, strides, filters):
+    return cls(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=constants.NUM_CLASSES,
+        kernel_size=constants.KERNELS_XYZ,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=filters,
+        norm_name=("INSTANCE", {"affine": True}),
+        act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+        deep_supervision=True,
+        deep_supr_num=3,
+        res_block=True,
+    )
+
+
+def _steps(net, opt, x, steps):
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        loss = net(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:  # the first step is a warm-up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--strides", choices=("organ", "tumor"), default="organ", help="the organ (default) or tumor pools")
+    ap.add_argument("--filters", default="8,16,32,64,64,64", help="stage widths (default: the CPU runs' 8-64)")
+    ap.add_argument("--patch", default="64,64,32", help="patch x,y,z (default: the CPU runs' 64,64,32)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    strides = constants.ORGAN_STRIDES_XYZ if args.strides == "organ" else constants.TUMOR_STRIDES_XYZ
+    filters = [int(v) for v in args.filters.split(",")]
+    patch = tuple(int(v) for v in args.patch.split(","))
+    torch.manual_seed(0)
+    nets = {"DynUNet": _network(DynUNet, strides, filters), "NnDynUNet": _network(NnDynUNet, strides, filters)}
+    opts = {k: torch.optim.Adam(n.parameters(), 1e-4) for k, n in nets.items()}
+    x = torch.randn(args.batch, 1, *patch)
+    print(f"{args.strides} strides, widths {filters}, patch {patch}, batch {args.batch}, torch threads {args.threads}")
+    print(f"hardware: {hardware()}, torch {torch.__version__}")
+    runs = {k: [] for k in nets}
+    for _ in range(args.repeats):
+        for k in nets:
+            runs[k].append(_steps(nets[k], opts[k], x, args.steps))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print("| network | parameters | s per training step (median) | runs |")
+    print("|---|---|---|---|")
+    for k in nets:
+        print(f"| {k} | {count_parameters(nets[k]):,} | {med[k]:.3f} | {', '.join(f'{v:.3f}' for v in runs[k])} |")
+    print(f"ratio DynUNet / NnDynUNet: {med['DynUNet'] / med['NnDynUNet']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
