@@ -3,8 +3,9 @@
     python bench/bench_network.py [--strides organ|tumor] [--filters 8,16,32,64,64,64] [--patch 64,64,32]
                                   [--batch 2] [--steps 6] [--repeats 3] [--threads 2]
 
-Both networks get the bundles' settings (residual blocks, instance norm, LeakyReLU, deep supervision
-with 3 heads, the method's kernels [1,3,3] then [3,3,3]) and the same input. A step is forward, the
+Both networks are tumor_seg's ``network_def`` (read from its ``train.json``: residual blocks, instance
+norm, LeakyReLU, deep supervision with 3 heads, the method's kernels [1,3,3] then [3,3,3]) with
+``--strides`` and ``--filters`` set, and get the same input. A step is forward, the
 stacked deep-supervision output's mean square as the loss, backward and an Adam update: the work of
 one training iteration without the data loader. The two networks alternate within each repeat so
 that a slower or faster phase of a shared machine hits both.
@@ -26,29 +27,24 @@ import time
 import torch
 from bench_evaluate import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
-from monai.networks.nets import DynUNet  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
 
 from flare23 import constants  # noqa: E402
-from flare23.networks import NnDynUNet, count_parameters  # noqa: E402
+from flare23.networks import count_parameters  # noqa: E402
 
 
-def _network(cls, strides, filters):
-    return cls(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=constants.NUM_CLASSES,
-        kernel_size=constants.KERNELS_XYZ,
-        strides=strides,
-        upsample_kernel_size=strides[1:],
-        filters=filters,
-        norm_name=("INSTANCE", {"affine": True}),
-        act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
-        deep_supervision=True,
-        deep_supr_num=3,
-        res_block=True,
-    )
+def _network(target, strides, filters):
+    """The tumor_seg bundle's ``network_def`` (one source of truth), with ``target``, ``strides`` and ``filters`` set."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(ROOT, "bundles", "tumor_seg", "configs", "train.json"))
+    parser["network_def#_target_"] = target
+    parser["network_def#strides"] = [list(s) for s in strides]
+    parser["network_def#upsample_kernel_size"] = [list(s) for s in strides[1:]]
+    parser["network_def#filters"] = list(filters)
+    return parser.get_parsed_content("network_def")
 
 
 def _steps(net, opt, x, steps):
@@ -79,7 +75,7 @@ def main(argv=None):
     filters = [int(v) for v in args.filters.split(",")]
     patch = tuple(int(v) for v in args.patch.split(","))
     torch.manual_seed(0)
-    nets = {"DynUNet": _network(DynUNet, strides, filters), "NnDynUNet": _network(NnDynUNet, strides, filters)}
+    nets = {k: _network(t, strides, filters) for k, t in (("DynUNet", "DynUNet"), ("NnDynUNet", "flare23.networks.NnDynUNet"))}
     opts = {k: torch.optim.Adam(n.parameters(), 1e-4) for k, n in nets.items()}
     x = torch.randn(args.batch, 1, *patch)
     print(f"{args.strides} strides, widths {filters}, patch {patch}, batch {args.batch}, torch threads {args.threads}")

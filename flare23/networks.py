@@ -123,7 +123,7 @@ class NnDynUNet(DynUNet):
     MONAI 1.6.1's ``DynUNet.get_upsamples`` takes ``kernel_size[1:]`` instead, i.e. the kernel of
     the stage *below*: with the method's kernels ([1,3,3], then [3,3,3]) the full-resolution decoder
     block convolves with 3 x 3 x 3 where nnU-Net (and the paper's network) uses 1 x 3 x 3. A CPU
-    training step of the phantom runs' network (widths 8-64, 64 x 64 x 32) is 1.07x faster with
+    training step of the phantom runs' network (widths 8-64, 64 x 64 x 32) is 1.10x faster with
     nnU-Net's kernel (``bench/bench_network.py``); the point is fidelity.
 
     Only the kernel of each up-block's convolutions changes; strides, transposed convolutions,
