@@ -31,6 +31,7 @@ stays light for inference.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import pickle
@@ -296,13 +297,20 @@ def _saver_classes() -> dict[str, type]:
           ``n_saved`` retires is deleted only after its successor is complete;
         * at the first interval save, the ``checkpoint_epoch=N.pt`` files already in ``save_dir`` with a
           lower N (those of the run that was resumed) join the rotation, so ``n_saved`` still holds;
-        * ``state_dict()`` / ``load_state_dict()`` carry the key-metric tracking (the best score so far and
-          its file): put the saver of ``model.pt`` in the trainer's save and resume dicts so that a resumed
-          run only replaces ``model.pt`` with a better model.
+        * ``state_dict()`` / ``load_state_dict()`` carry the key-metric tracking (the best score so far, its
+          file and its epoch): put the saver of ``model.pt`` in the trainer's save and resume dicts so that a
+          resumed run only replaces ``model.pt`` with a better model. Loading also hands the best score and
+          epoch to the engine this saver is attached to (MONAI's evaluator keeps its own
+          ``state.best_metric``, which a new process starts at -1): without that, the first validation after
+          a resume logged "Got new best metric" and "best value ... at epoch" for a worse score, although
+          ``model.pt`` correctly kept the better model.
         """
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            bound = inspect.signature(CheckpointSaver.__init__).bind(self, *args, **kwargs)
+            self._metric_sign = -1.0 if bound.arguments.get("key_metric_negative_sign", False) else 1.0
+            self._engine = None
             self._adopted = False
             interval = self._interval_checkpoint
             self._interval_re = None
@@ -316,6 +324,10 @@ def _saver_classes() -> dict[str, type]:
                 if ckpt is not None:
                     fixed = getattr(ckpt.save_handler, "filename", None)
                     ckpt.save_handler = AtomicDiskSaver(self.save_dir, filename=fixed, stale=self._interval_re)
+
+        def attach(self, engine) -> None:
+            self._engine = engine
+            super().attach(engine)
 
         def interval_completed(self, engine) -> None:
             if not self._adopted:
@@ -344,13 +356,23 @@ def _saver_classes() -> dict[str, type]:
             self.logger.info("checkpoint rotation (n_saved=%d) now includes %s", ckpt.n_saved, [name for _, name in older])
 
         def state_dict(self) -> dict:
-            # plain floats: a numpy scalar metric would make the checkpoint unloadable with weights_only=True
+            # plain floats and ints: a numpy scalar would make the checkpoint unloadable with weights_only=True
             ckpt = self._key_metric_checkpoint
-            return {"_saved": [(float(p), str(f)) for p, f in ckpt._saved] if ckpt is not None else []}
+            state = {"_saved": [(float(p), str(f)) for p, f in ckpt._saved] if ckpt is not None else []}
+            epoch = getattr(getattr(self._engine, "state", None), "best_metric_epoch", -1)
+            if state["_saved"] and isinstance(epoch, int) and epoch > 0:
+                state["best_epoch"] = epoch
+            return state
 
         def load_state_dict(self, state_dict: dict) -> None:
-            if self._key_metric_checkpoint is not None:
-                self._key_metric_checkpoint.load_state_dict(state_dict)
+            ckpt = self._key_metric_checkpoint
+            if ckpt is None:
+                return
+            ckpt.load_state_dict({"_saved": state_dict["_saved"]})
+            epoch = state_dict.get("best_epoch")  # absent in checkpoints written before it was recorded
+            if ckpt._saved and epoch is not None and self._engine is not None:
+                self._engine.state.best_metric = self._metric_sign * max(p for p, _ in ckpt._saved)
+                self._engine.state.best_metric_epoch = int(epoch)
 
     for cls in (AtomicDiskSaver, SafeCheckpointSaver):
         cls.__module__, cls.__qualname__ = __name__, cls.__name__

@@ -195,6 +195,10 @@ def test_killed_training_resumes_with_counters_optimizer_lr_and_loss_curve(tiny_
     [(best_final, _)] = final["best_model"]["_saved"]
     assert best_final == pytest.approx(max(best_score, score4), abs=1e-4)
     assert ((ckpt / "model.pt").read_bytes() == best_before) == (best_final == best_score)
+    # and the resumed evaluator knows it: its log names the best score and the epoch that model.pt holds
+    value, epoch = log2.rsplit("Key metric: val_roi_dice best value: ", 1)[1].split("\n")[0].split(" at epoch: ")
+    assert float(value) == pytest.approx(best_final, abs=1e-4)
+    assert int(epoch) == (2 if best_final == best_score else 4) and final["best_model"]["best_epoch"] == int(epoch)
 
 
 # --- a tiny engine in this process ------------------------------------------------------------------------------------
@@ -362,6 +366,80 @@ def test_resume_refuses_a_checkpoint_of_another_network_before_loading_anything(
     resume = ResumeFromLast(tmp_path, {**u.objs, "best_model": extra}, optional_keys=["best_model"])
     resume(u.engine)
     assert resume.loaded_from == tmp_path / "checkpoint_epoch=2.pt" and u.engine.state.epoch == 2
+
+
+def scripted_evaluator(scores: list[float], save_dir: Path):
+    """MONAI's SupervisedEvaluator whose key metric returns ``scores`` in turn, with a best-model saver."""
+    from ignite.metrics import Metric
+    from monai.engines import SupervisedEvaluator
+
+    values = iter(scores)
+
+    class Scripted(Metric):
+        def reset(self):
+            pass
+
+        def update(self, output):
+            pass
+
+        def compute(self):
+            return next(values)
+
+    net = torch.nn.Conv1d(1, 1, 1)
+    best = SafeCheckpointSaver(
+        save_dir=str(save_dir), save_dict={"model": net}, save_key_metric=True, key_metric_filename="model.pt"
+    )
+    batch = [{"image": torch.zeros(1, 1, 4), "label": torch.zeros(1, 1, 4)}]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=batch, network=net, key_val_metric={"score": Scripted()}, val_handlers=[best]
+    )
+    return evaluator, best, net
+
+
+def test_resumed_best_model_tracking_reaches_the_evaluator_so_logs_and_best_epoch_stay_true(tmp_path, caplog):
+    # the first process: validations at epochs 1 and 2 score 0.6 and 0.8 -> model.pt holds epoch 2's weights
+    ev, best, net = scripted_evaluator([0.6, 0.8], tmp_path)
+    for epoch in (1, 2):
+        ev.run(global_epoch=epoch)
+    torch.save({"best_model": best.state_dict()}, tmp_path / "checkpoint_epoch=2.pt")
+    state = torch.load(tmp_path / "checkpoint_epoch=2.pt", weights_only=True)["best_model"]
+    [(score, _)] = state["_saved"]  # (score, ignite's name for model.pt)
+    assert score == pytest.approx(0.8) and state["best_epoch"] == 2
+    model_e2 = (tmp_path / "model.pt").read_bytes()
+
+    # MONAI alone, in a new process: the evaluator's own best starts afresh, so a worse 0.7 is logged as the best
+    plain, _, _ = scripted_evaluator([0.7], tmp_path / "plain")
+    with caplog.at_level(logging.INFO):
+        plain.run(global_epoch=3)
+    assert "Got new best metric of score: 0.7" in caplog.text and plain.state.best_metric_epoch == 3
+    caplog.clear()
+
+    # resumed: epoch 3 scores 0.7 (worse: model.pt and the best stay epoch 2's), epoch 4 scores 0.9 (better)
+    ev, best, net = scripted_evaluator([0.7, 0.9], tmp_path)
+    with torch.no_grad():
+        net.weight.add_(1.0)  # the resumed weights differ from epoch 2's
+    best.load_state_dict(state)
+    assert (ev.state.best_metric, ev.state.best_metric_epoch) == (pytest.approx(0.8), 2)
+    with caplog.at_level(logging.INFO):
+        ev.run(global_epoch=3)
+    assert "Got new best metric" not in caplog.text
+    assert (ev.state.best_metric, ev.state.best_metric_epoch) == (pytest.approx(0.8), 2)
+    assert (tmp_path / "model.pt").read_bytes() == model_e2
+    with caplog.at_level(logging.INFO):
+        ev.run(global_epoch=4)
+    assert "Got new best metric of score: 0.9" in caplog.text
+    assert (ev.state.best_metric, ev.state.best_metric_epoch) == (pytest.approx(0.9), 4)
+    assert (tmp_path / "model.pt").read_bytes() != model_e2
+    [(score, _)] = best.state_dict()["_saved"]
+    assert score == pytest.approx(0.9) and best.state_dict()["best_epoch"] == 4
+
+    # a checkpoint written before the epoch was recorded still protects model.pt; the evaluator's best is left alone
+    old, old_best, _ = scripted_evaluator([0.5], tmp_path)
+    old_best.load_state_dict({"_saved": [(0.95, "model_key_metric=0.9500.pt")]})
+    assert old.state.best_metric_epoch == -1
+    before = (tmp_path / "model.pt").read_bytes()
+    old.run(global_epoch=5)
+    assert (tmp_path / "model.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("old_max,new_max", [(4, 8), (4, 4)])
