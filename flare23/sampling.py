@@ -12,6 +12,15 @@ classes uniformly) when no class of ``ratios`` is present, and, when none of tho
 either, a voxel drawn uniformly from the whole volume (an unbiased random crop). It also silences
 MONAI's per-call warning about absent classes, which the fallback makes expected.
 
+Lesion-balanced centres (:class:`ClassComponentWeightsd` + ``weights_key``): MONAI centres a
+class's patch on a voxel drawn uniformly among that class's voxels, so a lesion is drawn in
+proportion to its volume: in the phantoms, liver tumors hold 71 % of the tumor voxels and the
+small kidney, pancreas and liver tumors that the tumor model misses are rarely a patch's centre.
+With weights from :class:`ClassComponentWeightsd` the sampler draws, for a balanced class, a
+connected component (lesion) with probability proportional to ``size ** (1 - power)`` and then a
+voxel of it uniformly (``power`` 1: every lesion equally often whatever its size; 0: MONAI's
+voxel-uniform draw). MONAI has no weighted or per-component centre selection.
+
 Ratio presets (lists of ``NUM_CLASSES`` numbers, index = label id) used by the bundle configs:
 :func:`organ_ratios` and :func:`tumor_ratios`.
 """
@@ -27,13 +36,23 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandCropByLabelClassesd, Randomizable, SpatialCrop
-from monai.transforms.utils import generate_label_classes_crop_centers, map_classes_to_indices
+from monai.transforms.utils import correct_crop_centers, generate_label_classes_crop_centers, map_classes_to_indices
+from skimage.measure import label as connected_components
 
 from flare23.constants import BACKGROUND, NUM_CLASSES, ORGAN_IDS, TUMOR_ID
 from flare23.datatools import bbox_with_physical_margins
 from flare23.errors import Flare23Error
 
-__all__ = ["RandCropByLabelClassesFallbackd", "RandRoiContextCropd", "organ_ratios", "tumor_ratios", "effective_ratios"]
+__all__ = [
+    "ClassComponentWeightsd",
+    "RandCropByLabelClassesFallbackd",
+    "RandRoiContextCropd",
+    "component_weights",
+    "weighted_label_classes_crop_centers",
+    "organ_ratios",
+    "tumor_ratios",
+    "effective_ratios",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,41 +105,167 @@ def effective_ratios(
     return sizes.tolist()
 
 
+def _as_numpy(x) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+
+
+def component_weights(label, flat_indices, class_id: int, power: float = 1.0, connectivity: int = 3) -> np.ndarray:
+    """Sampling weights for the voxels ``flat_indices`` of class ``class_id`` in ``label`` (spatial array).
+
+    Each voxel gets ``n ** -power``, ``n`` the number of listed voxels in its connected component of
+    ``label == class_id`` (``connectivity`` 3: 26-neighbourhood, the FLARE lesion definition). With
+    ``power`` 1 every component has the same total weight, so a component is drawn uniformly whatever
+    its size. Counting the *listed* voxels (not the component's volume) keeps that exact when
+    ``ClassesToIndicesd`` subsampled them (``max_samples_per_class``).
+    """
+    flat = _as_numpy(flat_indices).astype(np.int64, copy=False).ravel()
+    if flat.size == 0:
+        return np.zeros(0, np.float64)
+    mask = _as_numpy(label) == class_id
+    comps = connected_components(mask, connectivity=connectivity).ravel()[flat]
+    if np.any(comps == 0):
+        raise Flare23Error(f"lesion balance: some indices of class {class_id} are not voxels of that class")
+    counts = np.bincount(comps)
+    return counts[comps].astype(np.float64) ** -float(power)
+
+
+class ClassComponentWeightsd(MapTransform):
+    """Per-voxel sampling weights that balance the connected components (lesions) of some classes.
+
+    Put it after ``ClassesToIndicesd`` (deterministic, so ``CacheDataset`` computes it once per case).
+    It writes ``d[weights_key]``: a list with one entry per class, ``None`` for classes drawn as MONAI
+    draws them (voxel-uniform) and, for each class of ``classes``, an array parallel to
+    ``d[indices_key][class]`` from :func:`component_weights`. :class:`RandRoiContextCropd` and
+    :class:`RandCropByLabelClassesFallbackd` take the same ``weights_key``. ``classes`` empty: the
+    transform does nothing (the key is not written), so a config can keep it in place switched off.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        classes: Sequence[int] = (TUMOR_ID,),
+        indices_key: str = "label_cls_indices",
+        weights_key: str = "label_cls_weights",
+        power: float = 1.0,
+        connectivity: int = 3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.classes = [int(c) for c in (classes or [])]
+        if any(c < 0 for c in self.classes):
+            raise Flare23Error(f"lesion balance: class ids must be >= 0, got {self.classes}")
+        if not (math.isfinite(float(power)) and 0.0 <= float(power) <= 1.0):
+            raise Flare23Error(f"lesion balance: power must be in [0, 1], got {power}")
+        if int(connectivity) not in (1, 2, 3):
+            raise Flare23Error(f"lesion balance: connectivity must be 1, 2 or 3, got {connectivity}")
+        self.indices_key, self.weights_key = indices_key, weights_key
+        self.power, self.connectivity = float(power), int(connectivity)
+
+    def __call__(self, data):
+        d = dict(data)
+        if not self.classes:
+            return d
+        for key in self.key_iterator(d):
+            indices = d.get(self.indices_key)
+            if indices is None:
+                raise Flare23Error(f"lesion balance: no {self.indices_key!r}; put ClassesToIndicesd before this transform")
+            if max(self.classes) >= len(indices):
+                raise Flare23Error(f"lesion balance: class {max(self.classes)} not among the {len(indices)} classes")
+            label = d[key]
+            spatial = label[0] if label.ndim == 4 else label
+            weights: list[np.ndarray | None] = [None] * len(indices)
+            for c in self.classes:
+                weights[c] = component_weights(spatial, indices[c], c, self.power, self.connectivity)
+            d[self.weights_key] = weights
+        return d
+
+
+def weighted_label_classes_crop_centers(
+    spatial_size, num_samples: int, label_spatial_shape, indices, weights, ratios, rand_state, allow_smaller=False
+) -> list:
+    """``generate_label_classes_crop_centers`` with optional per-voxel weights within a class.
+
+    A class is drawn with ``ratios`` (already 0 for absent classes), then a voxel of it: uniformly
+    where ``weights[c]`` is ``None`` (MONAI's draw, with the same random calls), else with probability
+    proportional to ``weights[c]``; the centre is then moved inside the volume as MONAI does.
+    """
+    p = np.asarray(ratios, dtype=np.float64)
+    classes = rand_state.choice(len(p), size=num_samples, p=p / p.sum())
+    shape = tuple(int(n) for n in label_spatial_shape)
+    centers = []
+    for c in classes:
+        pool = indices[c]
+        w = None if weights is None else weights[c]
+        if w is None:
+            pick = rand_state.randint(len(pool))
+        else:
+            w = np.asarray(w, dtype=np.float64)
+            pick = rand_state.choice(len(w), p=w / w.sum())
+        center = np.unravel_index(int(_as_numpy(pool)[pick]), shape)
+        centers.append(correct_crop_centers([int(v) for v in center], spatial_size, shape, allow_smaller))
+    return tuple(centers)
+
+
 class RandCropByLabelClassesFallbackd(RandCropByLabelClassesd):
     """``RandCropByLabelClassesd`` that never fails on cases lacking the configured classes.
 
     Same arguments as MONAI's transform (``ratios`` and ``num_classes`` required), plus
-    ``fallback_ratios`` (``None``: straight to the uniform-voxel fallback). ``last_ratios`` holds the
-    ratios used for the latest case (for tests and logging).
+    ``fallback_ratios`` (``None``: straight to the uniform-voxel fallback) and ``weights_key``: where
+    the data holds per-voxel weights from :class:`ClassComponentWeightsd` (lesion-balanced centres;
+    ``None`` or a missing key: MONAI's voxel-uniform draw, identical random calls). ``last_ratios``
+    holds the ratios used for the latest case (for tests and logging).
     """
 
-    def __init__(self, keys, label_key, spatial_size, ratios, num_classes, fallback_ratios=None, **kwargs) -> None:
+    def __init__(
+        self, keys, label_key, spatial_size, ratios, num_classes, fallback_ratios=None, weights_key=None, **kwargs
+    ) -> None:
         kwargs.setdefault("warn", False)
         num_classes = int(num_classes)
         ratios = _check_ratios(ratios, num_classes, "ratios")
         self.fallback_ratios = _check_ratios(fallback_ratios, num_classes, "fallback_ratios")
         super().__init__(keys, label_key, spatial_size, ratios=ratios, num_classes=num_classes, **kwargs)
+        self.weights_key = weights_key
+        self._weights = None
         self.last_ratios: list[float] | None = None
+
+    def __call__(self, data, lazy=None):
+        d = dict(data)
+        self._weights = d.pop(self.weights_key, None) if self.weights_key is not None else None
+        try:
+            return super().__call__(d, lazy=lazy)
+        finally:
+            self._weights = None
 
     def randomize(self, label, indices=None, image=None) -> None:
         cropper = self.cropper
         ref = label if label is not None else image
         if ref is None:
             raise Flare23Error("patch selection: neither a label nor an image to crop from")
+        weights = self._weights
         if indices is None:
             if label is None:
                 raise Flare23Error("patch selection: no label given")
             indices = map_classes_to_indices(
                 label, cropper.num_classes, image, cropper.image_threshold, cropper.max_samples_per_class
             )
+            weights = None  # weights are parallel to the cached indices only
         sizes = [len(ix) for ix in indices]
         ratios = effective_ratios(cropper.ratios, sizes, self.fallback_ratios)
         if ratios != [r if s > 0 else 0.0 for r, s in zip(cropper.ratios, sizes)]:
             logger.debug("patch selection: no voxel of the configured classes, using fallback ratios %s", ratios)
         self.last_ratios = ratios
         shape = ref.peek_pending_shape() if hasattr(ref, "peek_pending_shape") else ref.shape[1:]
-        cropper.centers = generate_label_classes_crop_centers(
-            cropper.spatial_size, cropper.num_samples, shape, indices, ratios, cropper.R, cropper.allow_smaller, False
+        if weights is None:
+            cropper.centers = generate_label_classes_crop_centers(
+                cropper.spatial_size, cropper.num_samples, shape, indices, ratios, cropper.R, cropper.allow_smaller, False
+            )
+            return
+        if len(weights) != len(indices) or any(w is not None and len(w) != n for w, n in zip(weights, sizes)):
+            raise Flare23Error("patch selection: the voxel weights do not match the class indices")
+        if ratios == [float(n) for n in sizes]:  # the uniform-voxel fallback stays uniform
+            weights = None
+        cropper.centers = weighted_label_classes_crop_centers(
+            cropper.spatial_size, cropper.num_samples, shape, indices, weights, ratios, cropper.R, cropper.allow_smaller
         )
 
 
@@ -154,7 +299,8 @@ class RandRoiContextCropd(Randomizable, MapTransform):
     e.g. the patch size, so that no padding is needed after it. ``indices_key``: per-class flat voxel
     indices from ``ClassesToIndicesd`` (cached before this transform) are mapped into the box, so
     that the class indices need not be recomputed over the volume for every sample (the box holds
-    all the foreground, so only background indices can drop out).
+    all the foreground, so only background indices can drop out). ``weights_key``: per-voxel weights
+    parallel to those indices (:class:`ClassComponentWeightsd`) are filtered with them.
 
     MONAI's ``RandSpatialCropd`` / ``RandCropByLabelClassesd`` draw patches, not a box around the
     foreground with per-side physical margins, hence this component. A case with an empty label is
@@ -169,9 +315,11 @@ class RandRoiContextCropd(Randomizable, MapTransform):
         prob: float = 1.0,
         min_size: Sequence[int] | None = None,
         indices_key: str | None = None,
+        weights_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        self.weights_key = weights_key
         self.label_key = label_key
         self.min_size = None if min_size is None else tuple(int(v) for v in min_size)
         self.indices_key = indices_key
@@ -222,12 +370,26 @@ class RandRoiContextCropd(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             d[key] = crop(d[key])
         if self.indices_key is not None and d.get(self.indices_key) is not None:
-            d[self.indices_key] = [_indices_in_box(ix, shape, box) for ix in d[self.indices_key]]
+            indices = d[self.indices_key]
+            weights = d.get(self.weights_key) if self.weights_key is not None else None
+            if weights is None:
+                d[self.indices_key] = [_indices_in_box(ix, shape, box) for ix in indices]
+            else:
+                pairs = [
+                    _indices_in_box(ix, shape, box, w) if w is not None else (_indices_in_box(ix, shape, box), None)
+                    for ix, w in zip(indices, weights)
+                ]
+                d[self.indices_key] = [ix for ix, _ in pairs]
+                d[self.weights_key] = [w for _, w in pairs]
         return d
 
 
-def _indices_in_box(flat, shape: Sequence[int], box: Sequence[slice]):
-    """Flat indices into ``shape`` -> flat indices into the sub-volume ``box`` (those inside it)."""
+def _indices_in_box(flat, shape: Sequence[int], box: Sequence[slice], weights=None):
+    """Flat indices into ``shape`` -> flat indices into the sub-volume ``box`` (those inside it).
+
+    With ``weights`` (an array parallel to ``flat``, or ``None``) returns ``(indices, weights)``, the
+    weights of the kept voxels.
+    """
     arr = np.asarray(flat.cpu() if isinstance(flat, torch.Tensor) else flat).astype(np.int64, copy=False).ravel()
     coords = np.unravel_index(arr, tuple(shape))
     inside = np.ones(arr.shape, bool)
@@ -235,4 +397,7 @@ def _indices_in_box(flat, shape: Sequence[int], box: Sequence[slice]):
         inside &= (c >= b.start) & (c < b.stop)
     sub = tuple(c[inside] - b.start for c, b in zip(coords, box))
     out = np.ravel_multi_index(sub, tuple(b.stop - b.start for b in box)) if arr.size else arr
-    return torch.as_tensor(out) if isinstance(flat, torch.Tensor) else out
+    out = torch.as_tensor(out) if isinstance(flat, torch.Tensor) else out
+    if weights is None:
+        return out
+    return out, np.asarray(weights)[inside]

@@ -169,6 +169,39 @@ def test_time_budget_shortens_the_run_and_completes_the_poly_decay(phantoms, tmp
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
+def test_lesion_balanced_sampling_is_wired_through_the_config(bundle, phantoms, tmp_path):
+    """``crop_balance_classes``: cached per-voxel weights, filtered by the context crop, used and dropped by the sampler."""
+    from monai.transforms import Compose
+    from skimage.measure import label as components
+
+    from flare23.sampling import ClassComponentWeightsd, RandCropByLabelClassesFallbackd, RandRoiContextCropd
+
+    over = tiny(bundle, **TRAIN, dataset_dir=str(phantoms), ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "r"))
+    off = workflow(bundle, ["train.json"], "train", **over).parser
+    assert off.get_parsed_content("crop_balance_classes") == []  # default: MONAI's voxel-uniform centres
+    parser = workflow(
+        bundle, ["train.json"], "train", **{**over, "crop_balance_classes": [C.TUMOR_ID], "crop_balance_power": 0.5}
+    ).parser
+    det = parser.get_parsed_content("train#deterministic_transforms")
+    rnd = parser.get_parsed_content("train#random_transforms")
+    balance = [t for t in det if isinstance(t, ClassComponentWeightsd)]
+    assert len(balance) == 1 and balance[0].classes == [C.TUMOR_ID] and balance[0].power == 0.5
+    keys = {type(t): t.weights_key for t in rnd if isinstance(t, (RandRoiContextCropd, RandCropByLabelClassesFallbackd))}
+    assert set(keys.values()) == {balance[0].weights_key} and len(keys) == 2
+    datalist = parser.get_parsed_content("train#datalist")
+    cases = [Compose(det)(dict(e)) for e in datalist]
+    with_tumor = [c for c in cases if len(c["label_cls_indices"][C.TUMOR_ID])]
+    assert with_tumor, "the tiny phantoms should hold tumors"
+    for c in with_tumor:
+        w, ix = c["label_cls_weights"][C.TUMOR_ID], np.asarray(c["label_cls_indices"][C.TUMOR_ID])
+        comp = components(np.asarray(c["label"][0]) == C.TUMOR_ID, connectivity=3).ravel()[ix]
+        np.testing.assert_allclose(w, np.bincount(comp)[comp] ** -0.5)
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert "label_cls_weights" not in batch and "label_cls_indices" not in batch
+    assert isinstance(batch["image"], torch.Tensor) and list(batch["image"].shape[2:]) == TINY[bundle]["patch_size"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_command_line_booleans_are_read_as_booleans(bundle, phantoms, tmp_path):
     """fire hands `--amp false` / `--show_progress false` over as the string "false", which Python reads as true."""
     from ignite.handlers import ProgressBar

@@ -237,3 +237,161 @@ def test_context_crop_leaves_empty_labels_and_prob_zero_alone():
 def test_context_crop_rejects_bad_settings(margins, prob, match):
     with pytest.raises(Flare23Error, match=match):
         RandRoiContextCropd(["image", "label"], margins_mm=margins, prob=prob)
+
+
+# --- lesion-balanced centres ---------------------------------------------------------------------
+
+
+def three_lesions(shape=(40, 40, 24)) -> tuple[np.ndarray, list[np.ndarray]]:
+    """An organ (label 1) holding three tumors (label 14) of 8, 64 and 512 voxels, far from the borders.
+
+    Returns the label and the boolean mask of each tumor (the lesions touch neither each other nor
+    the volume's border, so a 4^3 patch centred on any of their voxels needs no shifting).
+    """
+    lab = np.zeros(shape, dtype=np.int16)
+    lab[2:38, 2:38, 2:22] = 1
+    boxes = [
+        (slice(4, 6), slice(4, 6), slice(4, 6)),
+        (slice(10, 14), slice(4, 8), slice(4, 8)),
+        (slice(20, 28), slice(20, 28), slice(8, 16)),
+    ]
+    masks = []
+    for box in boxes:
+        lab[box] = TUMOR_ID
+        m = np.zeros(shape, bool)
+        m[box] = True
+        masks.append(m)
+    return lab, masks
+
+
+def _lesion_shares(lab, masks, weights_on: bool, draws: int = 3000, power: float = 1.0, max_samples=None):
+    from monai.transforms import ClassesToIndicesd
+
+    from flare23.sampling import ClassComponentWeightsd
+
+    d = {"label": MetaTensor(torch.as_tensor(lab[None]))}
+    d = ClassesToIndicesd("label", num_classes=NUM_CLASSES, indices_postfix="_cls_indices", max_samples_per_class=max_samples)(d)
+    d = ClassComponentWeightsd("label", classes=[TUMOR_ID] if weights_on else [], power=power)(d)
+    t = RandCropByLabelClassesFallbackd(
+        "label", "label", PATCH, tumor_ratios(), NUM_CLASSES, indices_key="label_cls_indices", weights_key="label_cls_weights"
+    )
+    t.set_random_state(7)
+    hits = np.zeros(len(masks))
+    for _ in range(draws):
+        out = t(d)[0]
+        assert "label_cls_weights" not in out and "label_cls_indices" not in out
+        c = tuple(int(v) for v in t.cropper.centers[0])
+        hits += [m[c] for m in masks]
+    assert hits.sum() == draws  # every centre on a tumor voxel: tumor-only ratios
+    return hits / draws
+
+
+def test_lesion_balanced_centres_draw_each_lesion_equally_often_voxel_uniform_follows_volume():
+    lab, masks = three_lesions()
+    sizes = np.array([m.sum() for m in masks], float)
+    # MONAI's draw: shares follow the volumes (8, 64, 512 voxels -> 1.4 %, 11 %, 88 %)
+    plain = _lesion_shares(lab, masks, weights_on=False)
+    np.testing.assert_allclose(plain, sizes / sizes.sum(), atol=0.02)
+    # balanced: a third each, whatever the size
+    balanced = _lesion_shares(lab, masks, weights_on=True)
+    np.testing.assert_allclose(balanced, [1 / 3] * 3, atol=0.03)
+    # power 0.5: proportional to sqrt(size)
+    half = _lesion_shares(lab, masks, weights_on=True, power=0.5)
+    np.testing.assert_allclose(half, np.sqrt(sizes) / np.sqrt(sizes).sum(), atol=0.03)
+
+
+def test_lesion_balance_stays_exact_when_class_indices_are_subsampled():
+    lab, masks = three_lesions()
+    # ClassesToIndicesd keeps 100 of the 584 tumor voxels: counts must be those of the listed voxels
+    balanced = _lesion_shares(lab, masks, weights_on=True, max_samples=100, draws=3000)
+    from monai.transforms import ClassesToIndicesd
+
+    from flare23.sampling import ClassComponentWeightsd
+
+    d = ClassesToIndicesd("label", num_classes=NUM_CLASSES, indices_postfix="_cls_indices", max_samples_per_class=100)(
+        {"label": MetaTensor(torch.as_tensor(lab[None]))}
+    )
+    d = ClassComponentWeightsd("label", classes=[TUMOR_ID])(d)
+    flat = np.asarray(d["label_cls_indices"][TUMOR_ID])
+    w = d["label_cls_weights"][TUMOR_ID]
+    listed = [np.isin(flat, np.flatnonzero(m.ravel())) for m in masks]
+    present = [k for k, sel in enumerate(listed) if sel.any()]
+    totals = [w[listed[k]].sum() for k in present]
+    np.testing.assert_allclose(totals, 1.0)  # each listed lesion's weights sum to 1 (power 1)
+    np.testing.assert_allclose(balanced[present], 1 / len(present), atol=0.035)
+    assert all(wk is None for c, wk in enumerate(d["label_cls_weights"]) if c != TUMOR_ID)
+
+
+def test_component_weights_against_direct_count_and_bad_indices():
+    from scipy import ndimage
+
+    from flare23.sampling import component_weights
+
+    rng = np.random.default_rng(0)
+    lab = (rng.random((20, 20, 10)) < 0.08).astype(np.int16) * TUMOR_ID  # many scattered lesions
+    flat = np.flatnonzero(lab.ravel() == TUMOR_ID)
+    comps, n = ndimage.label(lab == TUMOR_ID, structure=np.ones((3, 3, 3)))  # independent 26-connectivity
+    sizes = np.bincount(comps.ravel())
+    expect = 1.0 / sizes[comps.ravel()[flat]]
+    np.testing.assert_allclose(component_weights(lab, flat, TUMOR_ID), expect)
+    np.testing.assert_allclose(component_weights(lab, flat, TUMOR_ID, power=0.0), 1.0)
+    # 6-connectivity splits diagonal neighbours: more components
+    comps6, n6 = ndimage.label(lab == TUMOR_ID)
+    assert n6 > n
+    np.testing.assert_allclose(
+        component_weights(lab, flat, TUMOR_ID, connectivity=1), 1.0 / np.bincount(comps6.ravel())[comps6.ravel()[flat]]
+    )
+    assert component_weights(lab, flat[:0], TUMOR_ID).size == 0
+    with pytest.raises(Flare23Error, match="not voxels of that class"):
+        component_weights(lab, np.flatnonzero(lab.ravel() == 0)[:3], TUMOR_ID)
+
+
+def test_context_crop_keeps_weights_parallel_to_the_indices_it_maps():
+    from monai.transforms import ClassesToIndicesd
+
+    from flare23.sampling import ClassComponentWeightsd, component_weights
+
+    lab, masks = three_lesions(shape=(60, 60, 40))
+    label = MetaTensor(torch.as_tensor(lab[None]), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    d = ClassesToIndicesd("label", num_classes=NUM_CLASSES, indices_postfix="_cls_indices")({"label": label})
+    # background too: its voxels outside the box drop out, and their weights with them
+    d = ClassComponentWeightsd("label", classes=[0, TUMOR_ID])(d)
+    crop = RandRoiContextCropd(
+        "label",
+        margins_mm={"feet": (0, 10), "head": (0, 10), "inplane": (0, 6)},
+        indices_key="label_cls_indices",
+        weights_key="label_cls_weights",
+    )
+    crop.set_random_state(3)
+    for _ in range(5):
+        out = crop(d)
+        ix, w = out["label_cls_indices"], out["label_cls_weights"]
+        assert all(wc is None for c, wc in enumerate(w) if c not in (0, TUMOR_ID))
+        assert len(w[0]) == len(ix[0])
+        assert len(w[TUMOR_ID]) == len(ix[TUMOR_ID]) == sum(m.sum() for m in masks)
+        np.testing.assert_allclose(w[TUMOR_ID], component_weights(out["label"][0], ix[TUMOR_ID], TUMOR_ID))
+        assert len(ix[0]) < len(d["label_cls_indices"][0])  # background outside the box dropped
+
+
+def test_lesion_balance_off_is_monai_and_bad_settings_fail():
+    from flare23.sampling import ClassComponentWeightsd
+
+    lab, _ = three_lesions()
+    d = {"label": MetaTensor(torch.as_tensor(lab[None]))}
+    assert ClassComponentWeightsd("label", classes=[])(d).keys() == d.keys()  # switched off: nothing written
+    # without weights, the same centres as MONAI's own transform from the same seed
+    ours = RandCropByLabelClassesFallbackd(
+        "label", "label", PATCH, tumor_ratios(organ=1.0), NUM_CLASSES, weights_key="label_cls_weights"
+    )
+    monai = RandCropByLabelClassesd("label", "label", PATCH, ratios=tumor_ratios(organ=1.0), num_classes=NUM_CLASSES, warn=False)
+    ours.set_random_state(11)
+    monai.set_random_state(11)
+    for _ in range(20):
+        ours(d)
+        monai(d)
+        assert [tuple(map(int, c)) for c in ours.cropper.centers] == [tuple(map(int, c)) for c in monai.cropper.centers]
+    for kwargs, match in (({"power": 1.5}, "power"), ({"connectivity": 4}, "connectivity"), ({"classes": [-1]}, "class ids")):
+        with pytest.raises(Flare23Error, match=match):
+            ClassComponentWeightsd("label", **kwargs)
+    with pytest.raises(Flare23Error, match="ClassesToIndicesd"):
+        ClassComponentWeightsd("label", classes=[TUMOR_ID])(d)
