@@ -93,16 +93,21 @@ def effective_ratios(
     Absent classes get 0; if nothing of ``ratios`` is left, ``fallback_ratios`` is used the same way;
     if nothing is left either, each class gets its voxel count (= a uniformly drawn voxel).
     """
+    return _effective_ratios(ratios, class_sizes, fallback_ratios)[0]
+
+
+def _effective_ratios(ratios, class_sizes, fallback_ratios=None) -> tuple[list[float], bool]:
+    """:func:`effective_ratios` and whether they are the uniform-voxel fallback (voxel counts)."""
     sizes = np.asarray(class_sizes, dtype=np.float64)
     for candidate in (ratios, fallback_ratios):
         if candidate is None:
             continue
         r = np.where(sizes > 0, np.asarray(candidate, dtype=np.float64), 0.0)
         if r.sum() > 0:
-            return r.tolist()
+            return r.tolist(), False
     if sizes.sum() <= 0:
         raise Flare23Error("patch selection: the label volume is empty")
-    return sizes.tolist()
+    return sizes.tolist(), True
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -250,7 +255,7 @@ class RandCropByLabelClassesFallbackd(RandCropByLabelClassesd):
             )
             weights = None  # weights are parallel to the cached indices only
         sizes = [len(ix) for ix in indices]
-        ratios = effective_ratios(cropper.ratios, sizes, self.fallback_ratios)
+        ratios, uniform_voxel = _effective_ratios(cropper.ratios, sizes, self.fallback_ratios)
         if ratios != [r if s > 0 else 0.0 for r, s in zip(cropper.ratios, sizes)]:
             logger.debug("patch selection: no voxel of the configured classes, using fallback ratios %s", ratios)
         self.last_ratios = ratios
@@ -262,7 +267,7 @@ class RandCropByLabelClassesFallbackd(RandCropByLabelClassesd):
             return
         if len(weights) != len(indices) or any(w is not None and len(w) != n for w, n in zip(weights, sizes)):
             raise Flare23Error("patch selection: the voxel weights do not match the class indices")
-        if ratios == [float(n) for n in sizes]:  # the uniform-voxel fallback stays uniform
+        if uniform_voxel:  # the uniform-voxel fallback stays uniform
             weights = None
         cropper.centers = weighted_label_classes_crop_centers(
             cropper.spatial_size, cropper.num_samples, shape, indices, weights, ratios, cropper.R, cropper.allow_smaller

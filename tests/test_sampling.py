@@ -395,3 +395,31 @@ def test_lesion_balance_off_is_monai_and_bad_settings_fail():
             ClassComponentWeightsd("label", **kwargs)
     with pytest.raises(Flare23Error, match="ClassesToIndicesd"):
         ClassComponentWeightsd("label", classes=[TUMOR_ID])(d)
+
+
+def test_uniform_voxel_fallback_ignores_lesion_weights():
+    """No voxel of the configured classes and no fallback ratios: a voxel drawn uniformly, weights or not."""
+    from monai.transforms import ClassesToIndicesd
+
+    from flare23.sampling import ClassComponentWeightsd
+
+    lab = np.zeros((30, 30, 20), dtype=np.int16)
+    lab[3:5, 3:5, 3:5] = 1  # 8 voxels
+    lab[10:22, 10:22, 5:17] = 1  # 1728 voxels, another component of the same class
+    d = ClassesToIndicesd("label", num_classes=NUM_CLASSES, indices_postfix="_cls_indices")(
+        {"label": MetaTensor(torch.as_tensor(lab[None]))}
+    )
+    d = ClassComponentWeightsd("label", classes=[1])(d)  # balanced, the two blocks would be drawn 1:1
+    t = RandCropByLabelClassesFallbackd(
+        "label", "label", PATCH, tumor_ratios(), NUM_CLASSES, indices_key="label_cls_indices", weights_key="label_cls_weights"
+    )
+    t.set_random_state(5)
+    small = large = 0
+    for _ in range(3000):
+        t(d)
+        c = tuple(int(v) for v in t.cropper.centers[0])
+        small += 3 <= c[0] < 5 and 3 <= c[1] < 5 and 3 <= c[2] < 5
+        large += 10 <= c[0] < 22 and 10 <= c[1] < 22 and 5 <= c[2] < 17
+    assert t.last_ratios == [float(n) for n in np.bincount(lab.ravel(), minlength=NUM_CLASSES)]
+    assert large / 3000 == pytest.approx(1728 / lab.size, abs=0.03)  # uniform over the volume
+    assert small / 3000 < 0.01  # not the 1:1 of the weights
