@@ -13,10 +13,10 @@ either, a voxel drawn uniformly from the whole volume (an unbiased random crop).
 MONAI's per-call warning about absent classes, which the fallback makes expected.
 
 Lesion-balanced centres (:class:`ClassComponentWeightsd` + ``weights_key``): MONAI centres a
-class's patch on a voxel drawn uniformly among that class's voxels, so a lesion is drawn in
-proportion to its volume: in the phantoms, liver tumors hold 71 % of the tumor voxels and the
-small kidney, pancreas and liver tumors that the tumor model misses are rarely a patch's centre.
-With weights from :class:`ClassComponentWeightsd` the sampler draws, for a balanced class, a
+class's patch on a voxel drawn uniformly among that class's voxels of the case, so among the
+lesions of one case a lesion is drawn in proportion to its volume (the case itself is drawn
+uniformly by the data loader, so a lesion alone in its case is unaffected; how much this changes
+the patches is measured by ``bench/bench_lesion_exposure.py``). With weights from :class:`ClassComponentWeightsd` the sampler draws, for a balanced class, a
 connected component (lesion) with probability proportional to ``size ** (1 - power)`` and then a
 voxel of it uniformly (``power`` 1: every lesion equally often whatever its size; 0: MONAI's
 voxel-uniform draw). MONAI has no weighted or per-component centre selection.
