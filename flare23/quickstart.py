@@ -1,7 +1,8 @@
 """``flare23 quickstart``: the whole method on a built-in phantom data set, on a CPU, in minutes.
 
 One command runs every part of the project in order, on data that it makes itself (no download,
-no GPU), and writes everything under one folder ``OUT`` (never into the repository):
+no GPU), and writes everything under one folder ``OUT`` (default ``~/flare23_quickstart``, in the home
+folder, outside the repository):
 
 1. **phantoms**: a small synthetic FLARE-like data set (:func:`flare23.phantoms.generate_phantoms`)
    with full, partial and pseudo labels, and a separate held-out set (another seed).
@@ -22,6 +23,9 @@ no GPU), and writes everything under one folder ``OUT`` (never into the reposito
    the held-out full labels.
 6. **report**: ``OUT/report/report.md`` (metrics, timings, hardware, settings, paths) and PNG
    pictures of one held-out case (axial and coronal slice, reference beside prediction).
+
+Last, it prints the one ``flare23 segment`` command that segments a scan of your own with the three
+checkpoints it trained (also in the report and, as ``segment_command``, in ``OUT/quickstart.json``).
 
 To learn anything in minutes on a CPU, the trainings differ from the method in a few documented
 ways (:data:`QUICKSTART_DIFFERENCES`, listed in the report): Adam instead of SGD, no augmentation,
@@ -169,6 +173,7 @@ def _bundles_dir(bundles_dir) -> Path:
 
 # --- output and logging -------------------------------------------------------------------------
 MARKER = ".flare23_quickstart"
+DEFAULT_OUT = "~/flare23_quickstart"
 SUBFOLDERS = ("data", "checkpoints", "runs", "predictions", "evaluation", "report", "logs")
 
 
@@ -178,7 +183,7 @@ def _prepare_out(out, overwrite: bool) -> Path:
 
     from flare23.io import ensure_output_dir
 
-    out = Path(out).absolute()
+    out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise Flare23Error(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -264,6 +269,22 @@ class _Logs:
             root.addHandler(h)
         root.setLevel(self._old_level)
         return False
+
+
+def _no_logging_file_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Logging file is set to False")
+
+
+def _config_workflow(**kwargs):
+    """``ConfigWorkflow(logging_file=False, ...)`` without MONAI's notice "Logging file is set to False, skipping logging."."""
+    from monai.bundle import ConfigWorkflow
+
+    wf_logger = logging.getLogger("monai.bundle.workflows")  # the logger that ConfigWorkflow.__init__ warns on
+    wf_logger.addFilter(_no_logging_file_notice)
+    try:
+        return ConfigWorkflow(logging_file=False, **kwargs)
+    finally:
+        wf_logger.removeFilter(_no_logging_file_notice)
 
 
 def _say(text: str = "") -> None:
@@ -360,8 +381,6 @@ def train_bundle(
     Validation runs once, at the last epoch (or when ``deadline``, a ``time.monotonic()`` value,
     stops the training early). Returns ``{"model", "epochs", "max_epochs", "iterations", "stopped_at", "seconds"}``.
     """
-    from monai.bundle import ConfigWorkflow
-
     t0 = time.monotonic()
     configs = bundle_dir / "configs"
     max_epochs = int(overrides["max_epochs"])
@@ -379,13 +398,8 @@ def train_bundle(
     if device is not None:
         settings["device"] = f"$torch.device({str(device)!r})"
     meta = configs / "metadata.json"
-    wf = ConfigWorkflow(
-        config_file=str(configs / "train.json"),
-        meta_file=str(meta) if meta.is_file() else None,
-        logging_file=False,
-        workflow_type="train",
-        **settings,
-    )
+    meta_file = str(meta) if meta.is_file() else None
+    wf = _config_workflow(config_file=str(configs / "train.json"), meta_file=meta_file, workflow_type="train", **settings)
     _disable_progress_bars(wf.parser)
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -421,7 +435,6 @@ def run_cascade(
     quiet=lambda: None,
 ):
     """The pipeline bundle on a folder of CTs with given checkpoints and sub-bundle overrides (a bar per case)."""
-    from monai.bundle import ConfigWorkflow
     from tqdm.auto import tqdm
 
     from flare23.segment import pipeline_config, user_error_in
@@ -442,7 +455,7 @@ def run_cascade(
     if device is not None:
         settings["device"] = f"$torch.device({str(device)!r})"
     try:
-        wf = ConfigWorkflow(config_file=str(config), workflow_type="infer", logging_file=False, meta_file=None, **settings)
+        wf = _config_workflow(config_file=str(config), workflow_type="infer", meta_file=None, **settings)
         wf.initialize()
         evaluator = wf.parser.get_parsed_content("evaluator")
         quiet()
@@ -541,7 +554,7 @@ def _plan(size: str, cases, test_cases, epochs, epoch_length) -> dict:
 
 
 def quickstart(
-    out: str | os.PathLike = "flare23_quickstart",
+    out: str | os.PathLike = DEFAULT_OUT,
     cases: int | None = None,
     test_cases: int | None = None,
     seed: int = 0,
@@ -558,8 +571,8 @@ def quickstart(
     """Run the quickstart (see the module docstring); print its progress and results; return a summary dict.
 
     The summary has ``summary`` (the FLARE evaluation), ``stage_times`` (median pipeline seconds
-    per stage), ``step_times``, ``total_seconds``, ``training`` (per bundle), ``paths`` and
-    ``notes``; it is also written to ``OUT/quickstart.json``.
+    per stage), ``step_times``, ``total_seconds``, ``training`` (per bundle), ``paths``, ``notes``
+    and ``segment_command`` (:func:`segment_command`); it is also written to ``OUT/quickstart.json``.
     """
     import torch
 
@@ -647,6 +660,7 @@ def quickstart(
         "predicted scores tumor DSC = NSD = 1, one with a tumor on one side only scores 0 (FLARE rules)"
     )
     step_times_report = dict(step_times)
+    command = segment_command({b: training[b]["model"] for b in BUNDLES})
     settings = _settings_table(plan, seed, minutes_budget, threads, workers, device, root)
     from flare23.report import write_report
 
@@ -661,6 +675,7 @@ def quickstart(
         paths={k: str(v) for k, v in paths.items()} | {f"picture {Path(p).stem}": str(p) for p in pictures},
         pictures=pictures,
         notes=[*notes, *(f"quickstart setting (differs from the method): {d}" for d in QUICKSTART_DIFFERENCES)],
+        segment_command=command,
     )
     record = {
         "summary": summary,
@@ -673,6 +688,7 @@ def quickstart(
         "notes": notes,
         "paths": {k: str(v) for k, v in paths.items()},
         "pictures": [str(p) for p in pictures],
+        "segment_command": command,
     }
     from flare23.io import atomic_write_json
 
@@ -862,6 +878,21 @@ def _pictures(paths: dict, report_dir: Path) -> list[Path]:
     return written
 
 
+def segment_command(models: dict) -> str:
+    """The ``flare23 segment`` command line that segments ``YOUR_SCAN.nii.gz`` with the checkpoints ``models`` (per bundle).
+
+    Only the three checkpoints: a trained checkpoint carries its own settings. The ``flare23``
+    executable is the one of this Python environment where it exists.
+    """
+    import shlex
+
+    exe = Path(sys.executable).with_name("flare23")
+    args = [str(exe) if exe.is_file() else "flare23", "segment", "-i", "YOUR_SCAN.nii.gz", "-o", "YOUR_SCAN_seg.nii.gz"]
+    for option, bundle in (("--roi_ckpt", "roi_extractor"), ("--organ_ckpt", "organ_seg"), ("--tumor_ckpt", "tumor_seg")):
+        args += [option, str(Path(models[bundle]).absolute())]
+    return shlex.join(args)
+
+
 def _print_results(record: dict, minutes_budget) -> None:
     from flare23.report import metrics_text
 
@@ -889,10 +920,13 @@ def _print_results(record: dict, minutes_budget) -> None:
         _say(f"{key + ':':<28} {value}")
     for pic in record["pictures"]:
         _say(f"{'picture:':<28} {pic}")
+    _say("")
+    _say("== segment your own scan with the trained models ==")
+    _say(record["segment_command"])
 
 
 def quickstart_cli(
-    out: str = "flare23_quickstart",
+    out: str = DEFAULT_OUT,
     cases: int | None = None,
     test_cases: int | None = None,
     seed: int = 0,
@@ -911,12 +945,13 @@ def quickstart_cli(
     Steps: phantoms -> data tools (merge partial + pseudo labels, datalists, crops, fingerprint) ->
     train roi_extractor, organ_seg, tumor_seg briefly with small networks -> pipeline bundle on
     held-out phantoms -> FLARE 2023 evaluation -> OUT/report/report.md with pictures. Prints the
-    metrics table, the timing breakdown and the path of every output.
+    metrics table, the timing breakdown, the path of every output and, last, the command that
+    segments a scan of your own with the three trained checkpoints.
 
     Args:
-        out: output folder (created; an earlier quickstart folder is replaced only with --overwrite).
-        cases: phantoms in the training pool (default 24 for size small), split into training and validation.
-        test_cases: held-out phantoms for the pipeline and the evaluation (default 4).
+        out: output folder, ~ is the home folder (created; an earlier quickstart folder is replaced only with --overwrite).
+        cases: phantoms in the training pool (default {cases}), split into training and validation.
+        test_cases: held-out phantoms for the pipeline and the evaluation (default {test_cases}).
         seed: seed of the phantoms and the splits.
         minutes_budget: time budget; a training stops early (at an epoch end) when its share is spent; 0 = none.
         size: phantom size and settings preset: small (default) or tiny (a smoke test).
@@ -935,4 +970,9 @@ def quickstart_cli(
     return None
 
 
-__all__ = ["PRESETS", "quickstart", "quickstart_cli", "run_cascade", "train_bundle"]
+if quickstart_cli.__doc__:  # the presets' defaults in the --help text (None under python -OO)
+    quickstart_cli.__doc__ = quickstart_cli.__doc__.format(
+        **{key: ", ".join(f"{p[key]} for size {size}" for size, p in PRESETS.items()) for key in ("cases", "test_cases")}
+    )
+
+__all__ = ["PRESETS", "quickstart", "quickstart_cli", "run_cascade", "segment_command", "train_bundle"]

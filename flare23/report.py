@@ -318,11 +318,13 @@ def write_report(
     pictures: Sequence[str | os.PathLike] = (),
     notes: Sequence[str] = (),
     title: str = "flare23 quickstart report",
+    segment_command: str | None = None,
 ) -> Path:
     """Write the Markdown report (metrics, timings, hardware, settings, outputs, pictures) atomically.
 
     ``stage_times``: median seconds per pipeline stage; ``step_times``: wall seconds of each step
-    of the run; ``pictures`` are linked relative to the report's folder.
+    of the run; ``pictures`` are linked relative to the report's folder; ``segment_command``: the
+    command that segments a scan of one's own with the trained models (section "Segment your own scan").
     """
     out_md = Path(out_md)
     parts = [f"# {title}", ""]
@@ -348,6 +350,9 @@ def write_report(
     parts.append(markdown_table(["setting", "value"], [(k, f"`{v}`") for k, v in settings.items()]))
     parts += ["", "## Outputs", ""]
     parts.append(markdown_table(["output", "path"], [(k, f"`{Path(v)}`") for k, v in paths.items()]))
+    if segment_command:
+        parts += ["", "## Segment your own scan", "", "With the three models that this run trained:", ""]
+        parts += ["```sh", segment_command, "```"]
     if pictures:
         parts += ["", "## Pictures", ""]
         for pic in pictures:

@@ -15,8 +15,11 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -154,11 +157,17 @@ def test_checkpoints_are_weights_only_state_dicts_of_the_trained_networks(run):
         ckpt = run["out"] / "checkpoints" / bundle
         assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
         state = torch.load(ckpt / "model.pt", weights_only=True, map_location="cpu")
-        assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+        assert set(state) == {"model", "settings"} and all(isinstance(v, torch.Tensor) for v in state["model"].values())
         full = torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=True, map_location="cpu")
         assert full["trainer"]["iteration"] == 2 and full["trainer"]["epoch_length"] == 1
-        net = SubBundle(run["bundles"] / bundle, "inference.json", PRESETS["tiny"][bundle]["network"]).network()
+        # the quickstart's trainings record their settings: the bundle builds the trained network from model.pt alone
+        net = SubBundle(run["bundles"] / bundle, "inference.json", {"ckpt_path": str(ckpt / "model.pt")}).network()
         load_weights(net, ckpt / "model.pt")  # strict: every key and shape matches
+        preset = PRESETS["tiny"][bundle]["network"]
+        assert list(net.filters) == preset["network_def#filters"]
+        for key in ("target_spacing", "patch_size"):
+            if key in preset:
+                assert state["settings"]["values"][key] == preset[key]
         assert run["record"]["training"][bundle]["iterations"] == 2 and run["record"]["training"][bundle]["stopped_at"] is None
 
 
@@ -198,6 +207,68 @@ def test_report_pictures_and_paths(run):
         for r, c in np.argwhere(shown == 0)[::97]:  # ... the others are grey
             x, y = panel_pixel(layout, 0, r, c)
             assert len(set(pixels[y, x].tolist())) == 1, (plane, r, c)
+
+
+def test_prints_the_command_that_segments_a_scan_with_the_trained_models(run):
+    command = run["record"]["segment_command"]
+    assert [ln for ln in run["stdout"].splitlines() if ln.strip()][-1] == command  # the last line printed
+    assert "## Segment your own scan" in (md := (run["out"] / "report" / "report.md").read_text())
+    assert f"```sh\n{command}\n```" in md
+    args = shlex.split(command)
+    assert Path(args[0]).name == "flare23" and (not Path(args[0]).is_absolute() or Path(args[0]).is_file())
+    assert args[1:6] == ["segment", "-i", "YOUR_SCAN.nii.gz", "-o", "YOUR_SCAN_seg.nii.gz"]
+    options = dict(zip(args[6::2], args[7::2], strict=True))  # only the three checkpoints: they carry their settings
+    bundles = {"roi": "roi_extractor", "organ": "organ_seg", "tumor": "tumor_seg"}
+    assert options == {f"--{k}_ckpt": str(run["out"] / "checkpoints" / b / "model.pt") for k, b in bundles.items()}
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in options.values())
+    pipeline = json.loads((run["bundles"] / "pipeline" / "configs" / "inference.json").read_text())
+    assert {option[2:] for option in options} <= set(pipeline)  # ids of the pipeline that `flare23 segment` overrides
+
+
+def test_the_printed_command_segments_a_scan_as_the_quickstart_did(run, tmp_path):
+    """The newcomer's next step: the printed command on a held-out scan gives the quickstart's own labels."""
+    from flare23.io import load_nifti
+
+    prediction = sorted((run["out"] / "predictions").glob("*.nii.gz"))[0]
+    case = prediction.name[: -len(".nii.gz")]
+    scan = next((run["out"] / "data").rglob(f"{case}_0000.nii.gz"))
+    args = shlex.split(run["record"]["segment_command"])
+    args[args.index("YOUR_SCAN.nii.gz")] = str(scan)
+    args[args.index("YOUR_SCAN_seg.nii.gz")] = str(tmp_path / "seg.nii.gz")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "flare23", *args[1:]], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = load_nifti(tmp_path / "seg.nii.gz"), load_nifti(prediction)
+    assert np.array_equal(ours[0], theirs[0]) and np.allclose(ours[1], theirs[1])
+    assert len(np.unique(ours[0])) > 1
+
+
+def test_help_states_the_presets_defaults():
+    from fire.helptext import HelpText
+
+    from flare23.quickstart import PRESETS, quickstart_cli
+
+    text = " ".join(HelpText(quickstart_cli).split())
+    assert "Default: '~/flare23_quickstart'" in text
+    for key in ("cases", "test_cases"):
+        stated = re.search(rf"--{key}={key.upper()} .*?\(default ([^)]*)\)", text).group(1)
+        assert {s: int(n) for n, s in re.findall(r"(\d+) for size (\w+)", stated)} == {s: p[key] for s, p in PRESETS.items()}
+
+
+def test_default_output_folder_is_in_the_home_folder(tmp_path, monkeypatch):
+    import inspect
+
+    from flare23.quickstart import DEFAULT_OUT, _prepare_out, quickstart, quickstart_cli
+
+    assert all(inspect.signature(f).parameters["out"].default == DEFAULT_OUT for f in (quickstart, quickstart_cli))
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("USERPROFILE", str(home))
+    monkeypatch.chdir(cwd)
+    assert _prepare_out(DEFAULT_OUT, overwrite=False) == home / "flare23_quickstart"
+    assert (home / "flare23_quickstart").is_dir() and not any(cwd.iterdir())
 
 
 def test_nothing_written_outside_out(run):
