@@ -2,11 +2,13 @@
 
 Runs ``scripts/monailabel/run_monailabel.py`` once per session. The script makes (or reuses) its own
 environment (MONAI Label 0.8.5 pins numpy < 2; default ``~/.cache/flare23/monailabel-venv``, or
-``$FLARE23_MONAILABEL_VENV``), lays the bundles out in an app, starts the server on 127.0.0.1 and
-sends one inference request per bundle on a central crop of the real CT. Here the script's log,
-its summary and its result files are checked against values computed independently: label names
-from the bundles' ``metadata.json`` and :mod:`flare23.constants`, the expected crop shape and
-affine from the CT's header.
+``$FLARE23_MONAILABEL_VENV``), lays the bundles out in an app (configs copied as they are), trains
+each sub-bundle for one tiny epoch through its own ``train.json`` at narrow widths (the checkpoint
+records them; no override reaches MONAI Label), starts the server on 127.0.0.1 and sends one
+inference request per bundle on a central crop of the real CT. Here the script's log, its summary,
+the server's log, the checkpoints and the result files are checked against values computed
+independently: label names from the bundles' ``metadata.json`` and :mod:`flare23.constants`, the
+expected crop shape and affine from the CT's header, the widths from the training overrides.
 
 Slow: making the environment takes several minutes the first time on a machine; later runs (and
 fresh clones, as in CI) reuse it.
@@ -23,13 +25,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from flare23.constants import LABELS, NUM_CLASSES
+from flare23.constants import FILTERS, LABELS, NUM_CLASSES
+from flare23.networks import ROI_FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "monailabel" / "run_monailabel.py"
 BUNDLES = ("roi_extractor", "organ_seg", "tumor_seg", "pipeline")
+SUB_BUNDLES = BUNDLES[:3]
+PARTS = {"roi_extractor": "roi", "organ_seg": "organ", "tumor_seg": "tumor"}
 CROP = (48, 40, 40)
+#: the widths of the script's tiny trainings (its TINY_TRAINING overrides), and what else they record
+TINY_FILTERS = {"roi_extractor": [4, 8, 8, 8, 8], "organ_seg": [4, 8, 8, 8, 8, 8], "tumor_seg": [4, 8, 8, 8, 8, 8]}
+TINY_VALUES = {
+    "organ_seg": {"target_spacing": [5.0, 5.0, 8.0], "patch_size": [64, 64, 16]},
+    "tumor_seg": {"target_spacing": [5.0, 5.0, 8.0], "patch_size": [64, 64, 8]},
+}
 #: Environment creation (first run: about 5-10 min on 2 cores) plus the server run (2-5 min).
 TIMEOUT_S = 2700
 
@@ -73,6 +85,11 @@ def test_script_succeeds_and_its_log_shows_four_loaded_bundles_and_answers(serve
         # MONAI Label's own words, copied from the server log
         assert f"+++ Adding Inferer:: {bundle} => " in log
         assert f"+++ Adding Bundle from Local: {bundle} => " in log
+        assert f"network {bundle}: " in log and "model.pt loaded strictly" in log
+    for bundle in SUB_BUNDLES:
+        assert f"training: {bundle}: 1 epoch in " in log
+        assert f"training: {bundle}: python -m monai.bundle run training --config_file model/{bundle}/configs/train.json" in log
+    assert "layout: the copies' configs are byte-identical to bundles/*/configs" in log
     assert "OK: the four bundles loaded" in log
     server_log = Path(served["summary"]["server_log"]).read_text(errors="replace")
     assert "Uvicorn running on http://127.0.0.1:" in server_log
@@ -110,13 +127,13 @@ def test_answers_are_label_volumes_on_the_input_grid(served):
         allowed = {0, *metadata_labels(bundle).values()}
         present = set(np.unique(data).astype(int).tolist())
         assert present <= allowed, (bundle, sorted(present - allowed))
-        assert present != {0} or bundle == "pipeline", (bundle, "random weights give some foreground")
+        assert present != {0} or bundle == "pipeline", (bundle, "the tiny trained networks give some foreground")
         assert answers[bundle]["label_names"] == metadata_labels(bundle), bundle
         assert answers[bundle]["labels_present"] == sorted(present), bundle
 
 
 def test_pipeline_answer_equals_the_bundle_run_outside_monai_label(served, tmp_path):
-    """The same laid-out pipeline bundle (tiny widths, same weights), run by ``monai.bundle`` in the project's environment."""
+    """The same laid-out pipeline bundle (same configs, same tiny trained weights), run by ``monai.bundle`` in the project's environment."""
     bundle = served["work"] / "apps" / "monaibundle" / "model" / "pipeline"
     study = served["work"] / "studies" / "flare23_ct.nii.gz"
     out = tmp_path / "out"
@@ -130,6 +147,72 @@ def test_pipeline_answer_equals_the_bundle_run_outside_monai_label(served, tmp_p
     assert ours.shape == answer.shape
     # other torch / MONAI builds in the two environments: a few voxels may flip between near-equal classes
     assert np.mean(ours == answer) > 0.99
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def test_checkpoints_come_from_the_bundles_training_at_tiny_widths(served):
+    """Each sub-bundle's model.pt: written by its own train.json (one epoch), recording the tiny widths, not the configs' defaults."""
+    copies = served["work"] / "apps" / "monaibundle" / "model"
+    defaults = {"roi_extractor": list(ROI_FILTERS), "organ_seg": list(FILTERS), "tumor_seg": list(FILTERS)}
+    for bundle in SUB_BUNDLES:
+        trained = served["work"] / "training" / bundle / "models"
+        assert sorted(p.name for p in trained.iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"], bundle
+        assert (copies / bundle / "models" / "model.pt").read_bytes() == (trained / "model.pt").read_bytes(), bundle
+        state = checkpoint(copies / bundle / "models" / "model.pt")
+        assert set(state) == {"model", "settings"}, bundle
+        settings = state["settings"]
+        meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+        assert settings["model"] == PARTS[bundle] and settings["bundle"] == meta["name"], bundle
+        assert settings["network"]["filters"] == TINY_FILTERS[bundle] != defaults[bundle], bundle
+        for key, value in TINY_VALUES.get(bundle, {}).items():
+            assert settings["values"][key] == value, (bundle, key)
+        first = next(v for k, v in state["model"].items() if v.ndim == 5)  # the first convolution's weight
+        assert first.shape[0] == TINY_FILTERS[bundle][0], bundle
+    packed = checkpoint(copies / "pipeline" / "models" / "model.pt")
+    assert set(packed["settings"]["parts"]) == set(PARTS.values())
+    for bundle, part in PARTS.items():
+        assert packed["settings"]["parts"][part]["network"]["filters"] == TINY_FILTERS[bundle], bundle
+        sub = checkpoint(copies / bundle / "models" / "model.pt")["model"]
+        mine = {k[len(part) + 1 :]: v for k, v in packed["model"].items() if k.startswith(part + ".")}
+        assert mine.keys() == sub.keys() and all(torch.equal(mine[k], sub[k]) for k in sub), bundle
+
+
+def test_the_served_networks_have_the_trained_tiny_widths(served):
+    """The networks built from the copies as MONAI Label builds them, and the server's own log, agree with the checkpoints."""
+    copies = served["work"] / "apps" / "monaibundle" / "model"
+    networks = served["summary"]["networks"]
+    assert set(networks) == set(BUNDLES)
+    for bundle in BUNDLES:
+        entry = networks[bundle]
+        state = checkpoint(copies / bundle / "models" / "model.pt")["model"]
+        assert entry["strict_load"] is True, bundle
+        assert entry["state_values"] == sum(v.numel() for v in state.values()), bundle
+        parts = {"net": bundle} if bundle != "pipeline" else {p: b for b, p in PARTS.items()}
+        for part, sub in parts.items():
+            assert entry["filters"][part] == entry["recorded_filters"][part] == TINY_FILTERS[sub], (bundle, part)
+            assert entry["first_conv_out"][part] == TINY_FILTERS[sub][0], (bundle, part)
+    assert networks["pipeline"]["state_values"] == sum(networks[b]["state_values"] for b in SUB_BUNDLES)
+    # the server itself: each network_def built as its checkpoint records (flare23.trained logs it only when that
+    # differs from the config's default network), and every model.pt loaded with matching keys (MONAI Label loads
+    # with strict=False and warns on a key mismatch; a shape mismatch would have failed the request)
+    server_log = Path(served["summary"]["server_log"]).read_text(errors="replace")
+    for bundle in SUB_BUNDLES:
+        assert f"{copies / bundle / 'models' / 'model.pt'}: network built as recorded in the checkpoint" in server_log, bundle
+    assert "Checkpoint keys don't match" not in server_log
+    assert served["summary"]["server_networks"] == dict.fromkeys(SUB_BUNDLES, True)
+
+
+def test_the_copies_configs_are_the_repositorys_byte_for_byte(served):
+    copies = served["work"] / "apps" / "monaibundle" / "model"
+    for bundle in BUNDLES:
+        ours, theirs = copies / bundle / "configs", REPO / "bundles" / bundle / "configs"
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir()), bundle
+        for path in theirs.iterdir():
+            assert (ours / path.name).read_bytes() == path.read_bytes(), (bundle, path.name)
+    assert all(not v["differ"] for v in served["summary"]["configs"].values())
 
 
 def test_the_repository_bundles_and_the_input_are_left_untouched(served):
@@ -146,7 +229,8 @@ def test_the_repository_bundles_and_the_input_are_left_untouched(served):
         (["--image", "no/such/ct.nii.gz"], "not a NIfTI file"),
         (["--crop", "48,40"], "expected three positive integers"),
         (["--models", "pipeline,spleen"], "unknown bundle"),
-        (["--weights", "repo"], "--weights repo needs --widths full"),
+        (["--weights", "full"], "argument --weights: invalid choice"),
+        (["--widths", "tiny"], "unrecognized arguments: --widths tiny"),  # gone: the checkpoints carry their widths
     ],
 )
 def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, args, message):

@@ -12,10 +12,17 @@ made from the pinned ``requirements.txt`` beside this file. The script, in order
    ``apps/monaibundle/model/<bundle>`` for ``roi_extractor``, ``organ_seg``, ``tumor_seg`` and
    ``pipeline`` (copies of ``bundles/``: the repository's bundles are never written to), and
    ``studies/`` with the CT;
-4. gives every copied bundle a ``models/model.pt``: random weights from a fixed seed (no trained
-   weights in CI) with narrow networks (``--widths tiny``, so that CPU inference takes seconds), or
-   the repository's trained ``bundles/*/models/model.pt`` (``--weights repo --widths full``); the
-   pipeline's combined checkpoint is packed from the three with ``flare23 pack``;
+4. gives every copied bundle a ``models/model.pt``. By default (``--weights tiny``) each sub-bundle
+   is trained for one tiny epoch through its own ``configs/train.json`` (``python -m monai.bundle
+   run training`` in this environment, ``bundle_root`` = the copy, narrow ``network_def#filters``,
+   coarse spacing and small patches, on a few tiny phantoms from ``flare23.phantoms``): the
+   checkpoint records the settings it was trained with, and the copies' configs, byte-identical to
+   the repository's, build the networks from them (CPU inference takes seconds). ``--weights repo``
+   copies the repository's trained ``bundles/*/models/model.pt``; ``--weights random`` saves seeded
+   random weights of the configs' own (full) widths. The pipeline's combined checkpoint is packed
+   from the three with ``flare23 pack``; then each bundle's ``network_def`` is instantiated from
+   its copy as MONAI Label's ``BundleInferTask`` does, ``model.pt`` is loaded into it strictly, and
+   the network's widths are logged beside those the checkpoint records;
 5. starts ``monailabel start_server`` on 127.0.0.1 and a free port, waits until ``/info/`` answers,
    checks that the four models are listed with the label names of their ``metadata.json``,
 6. sends one inference request per bundle on the CT (MONAI Label's own client) and checks each
@@ -59,13 +66,16 @@ MARKER = ".flare23-monailabel-env"  # written first: this folder is ours and may
 STAMP = ".flare23-monailabel-stamp"  # written last: the environment is complete for this pin set
 REPO_FILE = ".flare23-monailabel-repo"  # the repository that the editable flare23 install points at
 INSIDE_FLAG = "--_inside-env"
-#: Narrow widths for ``--widths tiny`` (same number of stages as the real networks, so the
-#: strides, patch sizes and every other part of the configs stay as they are).
-TINY_FILTERS = {
-    "roi_extractor": [4, 8, 8, 16, 16],
-    "organ_seg": [4, 8, 8, 16, 16, 16],
-    "tumor_seg": [4, 8, 8, 16, 16, 16],
+#: ``--weights tiny``: each sub-bundle's train.json overrides for a one-epoch tiny training on the
+#: tiny phantoms (about 5.3 x 5.3 x 8.5 mm; the organ and tumor networks' 6 stages need patches of
+#: multiples of 32 x 32 x 16 / 8 at 5 x 5 x 8 mm). The checkpoint records these, and inference uses them.
+TINY_TRAINING = {
+    "roi_extractor": {"network_def#filters": [4, 8, 8, 8, 8], "patch_size": [32, 32, 16]},
+    "organ_seg": {"network_def#filters": [4, 8, 8, 8, 8, 8], "target_spacing": [5.0, 5.0, 8.0], "patch_size": [64, 64, 16]},
+    "tumor_seg": {"network_def#filters": [4, 8, 8, 8, 8, 8], "target_spacing": [5.0, 5.0, 8.0], "patch_size": [64, 64, 8]},
 }
+TINY_COMMON = {"max_epochs": 1, "epoch_length": 1, "val_interval": 1, "num_workers": 0, "device": "cpu"}
+PHANTOMS = {"cases": 4, "seed": 0, "size": "tiny", "tumor_fraction": 0.7}
 SEED = 20230
 #: The ``monailabel`` command, run with this Python (the installed ``bin/monailabel`` is a bash
 #: wrapper that runs whichever ``python`` is first on PATH, and passes ``$*`` unquoted).
@@ -159,7 +169,7 @@ def _run_logged(cmd: list[str], log: Log, what: str) -> None:
 
 
 # --- 3. the app layout (inside the environment) -----------------------------------------------
-def lay_out(work: Path, image: Path, widths: str, crop: list[int] | None, log: Log) -> tuple[Path, Path, str]:
+def lay_out(work: Path, image: Path, crop: list[int] | None, log: Log) -> tuple[Path, Path, str]:
     """``work/apps/monaibundle`` with ``model/<bundle>`` copies, and ``work/studies/<case>.nii.gz``."""
     apps = work / "apps"
     app = apps / "monaibundle"
@@ -182,13 +192,7 @@ def lay_out(work: Path, image: Path, widths: str, crop: list[int] | None, log: L
         dst = model_dir / name
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("models", "runs", "eval", "__pycache__", "*.pt"))
         (dst / "models").mkdir()
-    if widths == "tiny":
-        for name, filters in TINY_FILTERS.items():
-            path = model_dir / name / "configs" / "inference.json"
-            config = json.loads(path.read_text())
-            config["network_def"]["filters"] = filters
-            path.write_text(json.dumps(config, indent=4) + "\n")
-        log(f"layout: tiny widths in the copies' inference.json network_def#filters: {TINY_FILTERS}")
+    log(f"layout: {', '.join(BUNDLES)} copied from {REPO / 'bundles'} (configs as they are) to {model_dir}")
     studies = work / "studies"
     if studies.exists():
         shutil.rmtree(studies)
@@ -214,18 +218,109 @@ def lay_out(work: Path, image: Path, widths: str, crop: list[int] | None, log: L
     return app, studies, image_id
 
 
-def make_weights(model_dir: Path, weights: str, log: Log) -> None:
-    """``models/model.pt`` for each sub-bundle (random, seeded, or the repository's), then the pipeline's packed one."""
+def cli_args(overrides: dict) -> list[str]:
+    """``--key value`` pairs for ``python -m monai.bundle run`` (JSON values; strings as they are)."""
+    out = []
+    for key, value in overrides.items():
+        out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return out
+
+
+def train_tiny(model_dir: Path, work: Path, log: Log) -> dict:
+    """One tiny epoch of each sub-bundle's own ``train.json`` (``bundle_root`` = the copy); its ``model.pt`` -> the copy's ``models/``.
+
+    The three trainings run at once, one thread each (``python -m monai.bundle run training`` with this
+    environment's Python, so the checkpoints are what this environment's flare23 writes).
+    """
+    from flare23.phantoms import generate_phantoms
+
+    root = work / "training"
+    if root.exists():
+        shutil.rmtree(root)
+    phantoms = root / "phantoms"
+    generate_phantoms(phantoms, **PHANTOMS)
+    log(f"training: {PHANTOMS['cases']} tiny phantoms (flare23.phantoms, seed {PHANTOMS['seed']}) -> {phantoms}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    runs = {}
+    for name in SUB_BUNDLES:
+        bundle = model_dir / name
+        out = root / name
+        out.mkdir(parents=True)
+        overrides = {
+            **TINY_TRAINING[name],
+            **TINY_COMMON,
+            "dataset_dir": str(phantoms),
+            "ckpt_dir": str(out / "models"),
+            "output_dir": str(out / "runs"),
+            "bundle_root": str(bundle),
+        }
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(bundle / "configs" / "train.json")]
+        cmd += [
+            "--meta_file",
+            str(bundle / "configs" / "metadata.json"),
+            "--logging_file",
+            str(bundle / "configs" / "logging.conf"),
+        ]
+        cmd += cli_args(overrides)
+        log(
+            f"training: {name}: python -m monai.bundle run training --config_file model/{name}/configs/train.json "
+            f"--bundle_root model/{name} {' '.join(cli_args({**TINY_TRAINING[name], **TINY_COMMON}))} (data, ckpt_dir, output_dir in {out})"
+        )
+        fh = open(out / "train.log", "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        runs[name] = (subprocess.Popen(cmd, cwd=str(out), env=env, stdout=fh, stderr=subprocess.STDOUT), fh, time.monotonic())
+    result, failed = {}, []
+    for name, (proc, fh, began) in runs.items():
+        code = proc.wait()
+        fh.close()
+        seconds = time.monotonic() - began
+        ckpt = root / name / "models" / "model.pt"
+        if code != 0 or not ckpt.is_file():
+            text = (root / name / "train.log").read_text(errors="replace")
+            log(f"training: {name} failed (exit {code}); its log ends with:\n{text[-3000:]}")
+            failed.append(name)
+            continue
+        target = model_dir / name / "models" / "model.pt"
+        shutil.copy2(ckpt, target)
+        settings = _settings(target, None)
+        network = (settings or {}).get("network") or {}
+        result[name] = {"seconds": round(seconds, 1), "log": str(root / name / "train.log"), "network": network,
+                        "values": (settings or {}).get("values")}  # fmt: skip
+        log(
+            f"training: {name}: 1 epoch in {seconds:.0f} s; model.pt -> {target.relative_to(model_dir)}; it records "
+            f"{network.get('_target_')} filters {network.get('filters')}, values {json.dumps((settings or {}).get('values'))[:200]}"
+        )
+    if failed:
+        raise RunError(f"tiny training failed for {', '.join(failed)}; see {root}/<bundle>/train.log")
+    return result
+
+
+def _settings(path: Path, part: str | None) -> dict | None:
+    """The settings that checkpoint ``path`` records (``part`` of a packed one), or ``None``."""
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    settings = state.get("settings") if isinstance(state, dict) else None
+    if isinstance(settings, dict) and part is not None:
+        settings = (settings.get("parts") or {}).get(part)
+    return settings if isinstance(settings, dict) else None
+
+
+def make_weights(model_dir: Path, weights: str, work: Path, log: Log) -> dict:
+    """``models/model.pt`` for each sub-bundle (tiny trainings, the repository's, or random), then the pipeline's packed one."""
     import torch
     from monai.bundle import ConfigParser
 
-    for i, name in enumerate(SUB_BUNDLES):
+    trained = {}
+    if weights == "tiny":
+        trained = train_tiny(model_dir, work, log)
+    for i, name in enumerate(SUB_BUNDLES if weights != "tiny" else ()):
         bundle = model_dir / name
         target = bundle / "models" / "model.pt"
         if weights == "repo":
             source = REPO / "bundles" / name / "models" / "model.pt"
             if not source.is_file():
-                raise RunError(f"{source}: no trained weights (train the bundle first, or use --weights random)")
+                raise RunError(f"{source}: no trained weights (train the bundle first, or use --weights tiny)")
             shutil.copy2(source, target)
             log(f"weights: {name}: copied {source}")
             continue
@@ -247,6 +342,97 @@ def make_weights(model_dir: Path, weights: str, log: Log) -> None:
     if not packed.is_file():
         raise RunError(f"flare23 pack wrote no {packed}")
     log(f"weights: pipeline: the three sub-bundles' model.pt packed by 'flare23 pack' -> {packed.relative_to(model_dir)}")
+    return trained
+
+
+def configs_as_in_repo(model_dir: Path, log: Log) -> dict:
+    """Each copy's ``configs/`` compared byte for byte with ``bundles/<name>/configs`` (no file added, none changed)."""
+    result = {}
+    for name in BUNDLES:
+        ours, theirs = model_dir / name / "configs", REPO / "bundles" / name / "configs"
+        files = sorted({p.name for p in ours.iterdir()} | {p.name for p in theirs.iterdir()})
+        differ = [
+            f
+            for f in files
+            if not ((ours / f).is_file() and (theirs / f).is_file() and (ours / f).read_bytes() == (theirs / f).read_bytes())
+        ]
+        result[name] = {"files": len(files), "differ": differ}
+    bad = {k: v["differ"] for k, v in result.items() if v["differ"]}
+    if bad:
+        raise RunError(f"the copies' configs differ from the repository's: {bad}")
+    log(f"layout: the copies' configs are byte-identical to bundles/*/configs ({sum(v['files'] for v in result.values())} files)")
+    return result
+
+
+def _first_conv(net) -> int | None:
+    import torch
+
+    conv = next((m for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    return int(conv.out_channels) if conv is not None else None
+
+
+def served_networks(model_dir: Path, log: Log) -> dict:
+    """Each bundle's network as MONAI Label builds it, with ``models/model.pt`` loaded strictly; its widths against the checkpoint's.
+
+    As ``monailabel.tasks.infer.bundle.BundleInferTask``: a ``ConfigParser`` reads ``configs/inference.json``,
+    ``bundle_root`` is set to the bundle folder, ``network_def`` is instantiated; then, as
+    ``BasicInferTask._get_network``, ``torch.load(model.pt)`` and ``checkpoint.get("model", checkpoint)``
+    are loaded into it (here strictly, and every tensor compared).
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    result = {}
+    for name in BUNDLES:
+        bundle = model_dir / name
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser.config.update({"bundle_root": str(bundle)})
+        sys.path.insert(0, str(bundle))
+        try:
+            network = parser.get_parsed_content("network_def", instantiate=True)
+        finally:
+            sys.path.remove(str(bundle))
+        checkpoint = torch.load(str(bundle / "models" / "model.pt"), map_location="cpu", weights_only=True)
+        state = checkpoint.get("model", checkpoint)
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise RunError(
+                f"{name}: models/model.pt does not load strictly into the network_def MONAI Label builds: {str(exc)[:600]}"
+            ) from None
+        mine = network.state_dict()
+        if any(not torch.equal(mine[k], state[k]) for k in state):
+            raise RunError(f"{name}: the network's weights differ from models/model.pt after loading")
+        parts = {"net": network} if name != "pipeline" else {p: getattr(network, p) for p in ("roi", "organ", "tumor")}
+        entry = {
+            "class": type(network).__name__,
+            "state_values": int(sum(v.numel() for v in mine.values())),
+            "parameters": int(sum(p.numel() for p in network.parameters())),
+            "strict_load": True,
+            "first_conv_out": {},
+            "recorded_filters": {},
+        }
+        for part, net in parts.items():
+            settings = _settings(bundle / "models" / "model.pt", None if name != "pipeline" else part)
+            entry["first_conv_out"][part] = _first_conv(net)
+            entry["recorded_filters"][part] = ((settings or {}).get("network") or {}).get("filters")
+            entry.setdefault("filters", {})[part] = list(getattr(net, "filters", []) or [])
+        for part in parts:
+            recorded = entry["recorded_filters"][part]
+            if recorded is not None and (
+                entry["filters"][part] != list(recorded) or entry["first_conv_out"][part] != recorded[0]
+            ):
+                raise RunError(
+                    f"{name} ({part}): the network has filters {entry['filters'][part]}, its checkpoint records {recorded}"
+                )
+        result[name] = entry
+        desc = "; ".join(
+            f"{part}: first conv {entry['first_conv_out'][part]} channels, filters {entry['filters'][part]} (checkpoint: {entry['recorded_filters'][part]})"
+            for part in parts
+        )
+        log(f"network {name}: {entry['class']}, {entry['parameters']} parameters, model.pt loaded strictly; {desc}")
+    return result
 
 
 # --- 5-6. the server and the checks ------------------------------------------------------------
@@ -317,8 +503,15 @@ def wait_ready(client, proc: subprocess.Popen, server_log: Path, timeout: float,
 
 
 def loaded_lines(server_log: Path) -> list[str]:
-    """The server's own log lines that show each bundle's inferer being added."""
-    keep = ("+++ Adding Bundle from Local", "+++ Adding Inferer::", "+++ Adding Trainer::", "+++ Using Bundle Models")
+    """The server's own log lines that show each bundle's inferer being added, and its network built as its checkpoint records."""
+    keep = (
+        "+++ Adding Bundle from Local",
+        "+++ Adding Inferer::",
+        "+++ Adding Trainer::",
+        "+++ Using Bundle Models",
+        "network built as recorded in the checkpoint",  # flare23.trained, while MONAI Label instantiates network_def
+        "Checkpoint keys don't match",  # MONAI Label, when it loads a model.pt that does not fit (it would go on)
+    )
     return [line.strip() for line in server_log.read_text(errors="replace").splitlines() if any(k in line for k in keep)]
 
 
@@ -333,6 +526,27 @@ def last_error(server_log: Path, wait: float = 10.0) -> str:
         if time.monotonic() > deadline:
             return "no exception in its log"
         time.sleep(0.5)
+
+
+def server_networks(server_log: Path, model_dir: Path, weights: str, log: Log) -> dict:
+    """What the server's log says of the networks it served: built as each checkpoint records, and loaded without a key mismatch.
+
+    MONAI Label loads ``model.pt`` at the first request (``strict=False``, with a warning when the keys differ; a
+    shape mismatch fails the request), so this is read after the requests.
+    """
+    text = server_log.read_text(errors="replace")
+    mismatch = [line.strip() for line in text.splitlines() if "Checkpoint keys don't match" in line]
+    if mismatch:
+        raise RunError(f"MONAI Label loaded a model.pt whose keys do not match its network: {mismatch[0][:400]}")
+    recorded = {
+        name: f"{model_dir / name / 'models' / 'model.pt'}: network built as recorded in the checkpoint" in text
+        for name in SUB_BUNDLES
+    }
+    log(f"server log: 'network built as recorded in the checkpoint' for {recorded}; no checkpoint key mismatch")
+    if weights == "tiny" and not all(recorded.values()):
+        missing = [k for k, v in recorded.items() if not v]
+        raise RunError(f"the server log does not show {missing} built as their checkpoints record (tiny widths)")
+    return recorded
 
 
 def check_info(info: dict, model_dir: Path, log: Log) -> dict:
@@ -407,9 +621,13 @@ def serve_and_check(args, log: Log, summary: dict) -> None:
         versions[mod] = getattr(__import__(mod), "__version__", "?")
     summary["versions"] = versions
     log("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    app, studies, image_id = lay_out(work, image, args.widths, args.crop, log)
+    app, studies, image_id = lay_out(work, image, args.crop, log)
     model_dir = app / "model"
-    make_weights(model_dir, args.weights, log)
+    start = time.monotonic()
+    summary["training"] = make_weights(model_dir, args.weights, work, log)
+    summary["weights_seconds"] = round(time.monotonic() - start, 1)
+    summary["configs"] = configs_as_in_repo(model_dir, log)
+    summary["networks"] = served_networks(model_dir, log)
     port = args.port or free_port()
     socket.setdefaulttimeout(args.request_timeout)  # MONAI Label's client opens connections without one
     proc, server_log = start_server(app, studies, work, port, args.trainers, log)
@@ -440,6 +658,7 @@ def serve_and_check(args, log: Log, summary: dict) -> None:
             summary["inference"][name] = check_answer(
                 name, label_file, params or {}, studies / f"{image_id}.nii.gz", model_dir, seconds, log
             )
+        summary["server_networks"] = server_networks(server_log, model_dir, args.weights, log)
     finally:
         stop_server(proc, log)
 
@@ -468,16 +687,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="bundles to send an inference request to (all four are always loaded and listed)",
     )
     p.add_argument(
-        "--widths",
-        choices=("tiny", "full"),
-        default="tiny",
-        help="tiny: narrow networks in the copies (fast on CPU); full: the configs as they are",
-    )
-    p.add_argument(
         "--weights",
-        choices=("random", "repo"),
-        default="random",
-        help="random (seeded) weights, or the repository's trained bundles/*/models/model.pt (needs --widths full)",
+        choices=("tiny", "repo", "random"),
+        default="tiny",
+        help="tiny: narrow networks trained for one epoch through each bundle's train.json on tiny phantoms "
+        "(fast on CPU); repo: the repository's trained bundles/*/models/model.pt; random: seeded random weights "
+        "of the configs' widths",
     )
     p.add_argument(
         "--trainers", action="store_true", help="let the app also load the bundles' trainers (off: --conf skip_trainers true)"
@@ -498,8 +713,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.models) - set(BUNDLES))
     if unknown:
         p.error(f"--models: unknown bundle(s) {unknown}; choose among {list(BUNDLES)}")
-    if args.weights == "repo" and args.widths != "full":
-        p.error("--weights repo needs --widths full (trained weights have the configs' widths)")
     image = Path(args.image)
     if not args.env_only and not (image.is_file() and (image.name.endswith(".nii.gz") or image.suffix == ".nii")):
         p.error(f"--image {image}: not a NIfTI file")
@@ -528,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         vpy = Path(env["venv"]) / "bin" / "python"
         # The rest needs torch, monai and monailabel: run it with the environment's Python.
         return subprocess.run([str(vpy), str(Path(__file__).resolve()), *argv, INSIDE_FLAG]).returncode
-    summary: dict = {"ok": False, "image": str(Path(args.image).resolve()), "widths": args.widths, "weights": args.weights}
+    summary: dict = {"ok": False, "image": str(Path(args.image).resolve()), "weights": args.weights}
     env_file = work / "env.json"
     if env_file.is_file():
         summary["env"] = json.loads(env_file.read_text())
