@@ -3,7 +3,9 @@
 Commands are plain functions of the package modules, exposed with ``fire``. User errors
 (:class:`~flare23.errors.Flare23Error`) are printed as one line and exit with status 2; user warnings
 (an empty ROI, NaN voxels, an image that does not look like CT, ...) as one line
-``flare23: warning: <message>``.
+``flare23: warning: <message>``. ``flare23 --help`` lists the commands; ``flare23 COMMAND --help``
+(or ``-h``) prints the command's usage, flags and defaults (fire's help text; for ``segment`` also
+the pipeline bundle's ids with their defaults) and exits 0.
 """
 
 from __future__ import annotations
@@ -77,7 +79,44 @@ def _setup_output() -> None:
         root.addHandler(_OneLineHandler())
 
 
+HELP_FLAGS = ("-h", "--help")
+
+
+def _wants_help(args: list[str]) -> bool:
+    """``-h`` / ``--help`` among ``args`` (before a ``--`` that ends the flags)."""
+    head = args[: args.index("--")] if "--" in args else args
+    return any(a in HELP_FLAGS for a in head)
+
+
+def command_help(name: str, command) -> str:
+    """The help of one command: fire's text (usage, flags with their defaults, docstring)."""
+    from fire import helptext, trace
+
+    text = helptext.HelpText(command, trace=trace.FireTrace(command, name=f"flare23 {name}"))
+    text = text.replace(f"'flare23 {name}'", f"flare23 {name}")
+    if name == "segment":
+        from flare23.segment import pipeline_ids_help
+
+        try:
+            text += "\n\n" + pipeline_ids_help()
+        except Exception as exc:  # noqa: BLE001 - the help itself must print
+            text += f"\n\n(the pipeline bundle's ids are not listed: {exc})"
+    return text
+
+
+def overview(commands: dict) -> str:
+    """``flare23 --help``: the commands with the first line of their docstrings."""
+    width = max(len(n) for n in commands)
+    lines = ["usage: flare23 COMMAND [ARGS] (flare23 COMMAND --help for each command)", "", "commands:"]
+    for name, fn in commands.items():
+        first = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        lines.append(f"  {name:<{width}}  {first}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import difflib
+
     import fire
 
     _setup_output()
@@ -87,11 +126,22 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = _commands()
     if argv and argv[0] in commands:  # fire would not accept "merge-labels" as a dict key name
-        command, rest = commands[argv[0]], argv[1:]
+        name, command, rest = argv[0], commands[argv[0]], argv[1:]
+        if _wants_help(rest):
+            print(command_help(name, command))
+            return
+    elif not argv or argv[0] in HELP_FLAGS:
+        print(overview(commands))
+        return
     else:
-        command, rest = {k.replace("-", "_"): v for k, v in commands.items()}, argv
+        if not argv[0].startswith("-") and argv[0].replace("_", "-") not in commands:
+            close = difflib.get_close_matches(argv[0], list(commands), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (one of {', '.join(commands)})"
+            print(f"flare23: error: no command {argv[0]!r}{hint}", file=sys.stderr)
+            sys.exit(2)
+        name, command, rest = "", {k.replace("-", "_"): v for k, v in commands.items()}, argv
     try:
-        fire.Fire(command, command=rest, name="flare23")
+        fire.Fire(command, command=rest, name=f"flare23 {name}".strip())
     except Flare23Error as exc:
         print(f"flare23: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -19,6 +19,10 @@ the area under the memory-time curve of METHOD.md section 6.
 
 ``device=None`` means CUDA when torch sees a GPU, else CPU (pass ``"cpu"`` to avoid importing torch).
 :class:`EfficiencyLog` keeps one CSV row per case, rewriting the file atomically after each case.
+
+:func:`available_cpus` is the number of CPUs this process may use (its affinity mask, lowered to
+the cgroup CPU quota of a container); :func:`set_threads` gives torch that many threads (the
+pipeline bundle's ``threads`` id, ``flare23 segment --threads N``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,92 @@ from flare23.io import atomic_write_text, ensure_output_dir
 
 MIB = 1024.0 * 1024.0
 
-__all__ = ["EfficiencyMonitor", "EfficiencyLog", "process_rss_mb"]
+__all__ = [
+    "EfficiencyMonitor",
+    "EfficiencyLog",
+    "available_cpus",
+    "cgroup_cpu_limit",
+    "parse_threads",
+    "process_rss_mb",
+    "set_threads",
+]
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cgroup_cpu_limit(root: str | os.PathLike = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (``1.5`` = 150 ms per 100 ms), or None when unlimited.
+
+    cgroup v2: ``<root>/cpu.max`` (``"max 100000"`` or ``"150000 100000"``); cgroup v1:
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in ``<root>/cpu``, ``<root>/cpu,cpuacct`` or ``<root>``
+    (quota -1 = unlimited). Inside a container ``<root>`` is the container's own cgroup.
+    """
+    text = _read(os.path.join(root, "cpu.max"))
+    if text:
+        parts = text.split()
+        try:
+            return None if parts[0] == "max" else int(parts[0]) / int(parts[1])
+        except (IndexError, ValueError, ZeroDivisionError):
+            return None
+    for sub in ("cpu", "cpu,cpuacct", ""):
+        quota = _read(os.path.join(root, sub, "cpu.cfs_quota_us"))
+        period = _read(os.path.join(root, sub, "cpu.cfs_period_us"))
+        if quota is not None and period is not None:
+            try:
+                q, p = int(quota), int(period)
+            except ValueError:
+                return None
+            return q / p if q > 0 and p > 0 else None
+    return None
+
+
+def available_cpus(cgroup_root: str | os.PathLike = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its affinity mask (``os.sched_getaffinity``), at most the cgroup quota (floored, >= 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        n = min(n, int(limit))
+    return max(1, n)
+
+
+def parse_threads(threads) -> int:
+    """``threads`` as a whole number >= 0, else a one-line error."""
+    try:
+        n = int(threads)
+        if isinstance(threads, bool) or n != float(threads) or n < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise Flare23Error(f"threads {threads!r}: expected a whole number >= 0 (0 = the CPUs this process may use)") from None
+    return n
+
+
+def set_threads(threads=0) -> int:
+    """``torch.set_num_threads``: ``threads`` > 0 as given, 0 (auto) = ``OMP_NUM_THREADS`` when set, else :func:`available_cpus`.
+
+    Returns the number set. torch's own default counts every core of the machine, also those that
+    the process may not use (a container's quota, ``taskset``), and oversubscribed threads are
+    several times slower than fewer.
+    """
+    import torch
+
+    n = parse_threads(threads)
+    if n == 0:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        n = int(env) if env.isdigit() and int(env) > 0 else available_cpus()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def process_rss_mb() -> float:

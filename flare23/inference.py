@@ -21,7 +21,11 @@ Per case, :class:`CascadeInferer` does, on one device:
    orientation, pasted into a full-size background volume.
 
 Weights of the three networks load in a background thread (:meth:`CascadeNetworks.load_async`)
-while the first image is read and subsampled; each stage waits only for its own network.
+while the first image is read and subsampled; each stage waits only for its own network. A
+checkpoint that fails to load stops the whole run with one :class:`WeightsError` (every case would
+fail alike), and the loader thread is always joined before the run ends (:meth:`CascadeNetworks.join`,
+called by :class:`CascadeReport` when the run completes or fails): a thread still inside torch at
+interpreter exit aborts the process ("terminate called without an active exception").
 Per-stage wall times of every case are kept in :attr:`CascadeInferer.timings`.
 
 Precision: ``"auto"`` is fp16 autocast on CUDA, and on CPU bf16 autocast where the CPU has native
@@ -49,6 +53,7 @@ from monai.transforms import MapTransform
 
 from flare23 import roi as roi_lib
 from flare23.config import as_bool
+from flare23.efficiency import set_threads  # noqa: F401 - the pipeline's initialize: set_threads(@threads)
 from flare23.errors import Flare23Error
 from flare23.io import voxel_spacing
 from flare23.postprocess import ensemble, postprocess
@@ -57,6 +62,18 @@ from flare23.sliding import sliding_window_slabs
 from flare23.training import load_weights
 
 logger = logging.getLogger(__name__)
+
+
+class WeightsError(Flare23Error):
+    """A checkpoint that does not load: fatal for the run, not for one case (every case would fail alike)."""
+
+
+def _weights_error(exc: BaseException, path) -> WeightsError:
+    if isinstance(exc, WeightsError):
+        return exc
+    text = str(exc).strip()
+    message = text if isinstance(exc, Flare23Error) else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return WeightsError(message if not path or str(path) in message else f"{path}: {message}")
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -77,6 +94,7 @@ class CascadeNetworks(torch.nn.Module):
         for event in self._ready.values():
             event.set()
         self._errors: dict[str, BaseException] = {}
+        self._thread: threading.Thread | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.organ(x)
@@ -91,10 +109,12 @@ class CascadeNetworks(torch.nn.Module):
             event.wait()
         state = self.__dict__.copy()
         state.pop("_ready", None)
+        state["_thread"] = None
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._thread = None
         self._ready = {p: threading.Event() for p in self.PARTS}
         for event in self._ready.values():
             event.set()
@@ -104,8 +124,10 @@ class CascadeNetworks(torch.nn.Module):
 
         The three sub-bundle checkpoints are used when they all exist; otherwise ``combined_ckpt``
         (a packed pipeline ``model.pt``, see :func:`pack_checkpoints`). ``enabled=False`` keeps
-        random weights and warns (smoke tests, speed measurements).
+        random weights and warns (smoke tests, speed measurements). The thread is not a daemon (the
+        interpreter waits for it at exit) and is kept for :meth:`join`.
         """
+        self.join()  # a previous load: never two loaders on one module
         if not as_bool(enabled, "load_pretrain"):
             warnings.warn("load_pretrain is false: the pipeline runs with RANDOM weights", stacklevel=2)
             return None
@@ -123,7 +145,7 @@ class CascadeNetworks(torch.nn.Module):
                     load_weights(self, combined_ckpt, key=None)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
                     for p in self.PARTS:
-                        self._errors[p] = exc
+                        self._errors[p] = _weights_error(exc, combined_ckpt)
                 for p in self.PARTS:
                     self._ready[p].set()
                 return
@@ -133,31 +155,52 @@ class CascadeNetworks(torch.nn.Module):
                         raise Flare23Error(f"no checkpoint given for the {part} network")
                     load_weights(getattr(self, part), paths[part])
                 except BaseException as exc:  # noqa: BLE001 - re-raised in wait()
-                    self._errors[part] = exc
+                    self._errors[part] = _weights_error(exc, paths[part])
                 finally:
                     self._ready[part].set()
 
-        thread = threading.Thread(target=work, name="flare23-weights", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=work, name="flare23-weights", daemon=False)
+        self._thread.start()
+        return self._thread
 
     def wait(self, part: str) -> torch.nn.Module:
+        """The network ``part`` once its weights are in; a :class:`WeightsError` if they failed to load."""
         self._ready[part].wait()
         if part in self._errors:
             raise self._errors[part]
         return getattr(self, part)
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the background loader (if any) has finished; errors stay for :meth:`wait`."""
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    close = join
+
 
 def pack_checkpoints(roi_ckpt, organ_ckpt, tumor_ckpt, out_path, networks: CascadeNetworks) -> Path:
-    """Write one state dict ``{roi.*, organ.*, tumor.*}`` (checked by a strict load) atomically."""
-    from flare23.io import atomic_path
+    """Write ``{"model": {roi.*, organ.*, tumor.*}, "settings": {"parts": ...}}`` (checked by a strict load) atomically.
 
+    The settings each sub-bundle checkpoint carries (:mod:`flare23.trained`) go along, so that the packed
+    file is used as trained too; a part without settings is packed without them.
+    """
+    from flare23.io import atomic_path
+    from flare23.trained import SETTINGS_KEY, read_settings
+
+    parts = {}
     for part, path in zip(CascadeNetworks.PARTS, (roi_ckpt, organ_ckpt, tumor_ckpt)):
         load_weights(getattr(networks, part), path)
+        settings = read_settings(path, part)
+        if settings is not None:
+            parts[part] = settings
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    packed = {"model": {k: v.detach().cpu() for k, v in networks.state_dict().items()}}
+    if parts:
+        packed[SETTINGS_KEY] = {"parts": parts}
     with atomic_path(out_path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in networks.state_dict().items()}, str(tmp))
+        torch.save(packed, str(tmp))
     return out_path
 
 
@@ -249,6 +292,7 @@ class CascadeInferer(Inferer):
         self.out_device = torch.device(out_device)
         self.timings: list[dict] = []
         self.boxes: list = []
+        self.box_records: list[dict] = []  # RoiBox.to_json with the input's affine, per case
         self.failures: list[str] = []
 
     # one branch: preprocessing ----------------------------------------------------------------
@@ -318,6 +362,8 @@ class CascadeInferer(Inferer):
             return torch.zeros((1, 1, 0, 0, 0), dtype=torch.uint8)
         try:
             return self._cascade(inputs, network)
+        except WeightsError:
+            raise  # not this case's fault: the run stops with one line
         except Flare23Error as exc:
             self._fail(source, str(exc))
         except Exception as exc:  # noqa: BLE001 - one failing case must not stop the batch
@@ -350,6 +396,7 @@ class CascadeInferer(Inferer):
                     roi_net, image, affine, device=device, autocast=_autocast(device, self.precision), **self.roi_params
                 )
             self.boxes.append(box)
+            self.box_records.append(box.to_json(affine) if box is not None else roi_lib.empty_box_json(full_shape, affine))
             if box is None:
                 # wait for the networks still loading in the background: a bad checkpoint is then reported, and no
                 # loader thread is left running at exit (which aborts the interpreter: "terminate called ...")
@@ -408,25 +455,29 @@ class CascadeInferer(Inferer):
 def branch_from_bundle(sub, name: str) -> Branch:
     """A :class:`Branch` from a fine model's bundle (:class:`flare23.bundles.SubBundle`).
 
-    Reads the ids ``target_spacing``, ``patch_size``, ``overlap`` and ``fingerprint_file`` of the
-    bundle's ``inference.json`` (``name`` is ``"organ"`` or ``"tumor"``, the fingerprint's model).
+    Reads the bundle's own ids of its ``inference.json``: ``target_spacing``, ``patch_size``,
+    ``overlap``, ``normalization`` and ``sw_batch_size``. With the pipeline's weights set as the
+    sub-bundle's ``ckpt_path``, those are the values its checkpoint was trained with
+    (:mod:`flare23.trained`), and its ``trained_check`` refuses an override that contradicts them.
+    ``name`` is ``"organ"`` or ``"tumor"``.
     """
-    from flare23.io import read_fingerprint
-
-    norm = read_fingerprint(sub.get("fingerprint_file", default="") or None, name)
+    sub.get("trained_check")
+    norm = sub.get("normalization")
     return Branch(
         name=name,
         target_spacing=[float(v) for v in sub.get("target_spacing")],
         patch_size=[int(v) for v in sub.get("patch_size")],
         overlap=float(sub.get("overlap")),
-        **norm,
+        sw_batch_size=int(sub.get("sw_batch_size", default=1)),
+        **{k: float(norm[k]) for k in ("clip_low", "clip_high", "mean", "std")},
     )
 
 
 def roi_params_from_bundle(sub) -> dict:
-    """Keyword arguments of :func:`flare23.roi.locate` from the ROI bundle's inference.json ids."""
+    """Keyword arguments of :func:`flare23.roi.locate` from the ROI bundle's inference.json ids (checked as trained)."""
+    sub.get("trained_check")
     params = {}
-    for key in ("margins_mm", "max_whole_slices", "tile", "pad_multiple", "inplane_stride", "slice_target_mm", "mirror_axes"):
+    for key in ("margins_mm", "max_whole_slices", "tile", "pad_multiple", "inplane_stride", "slice_target_mm", "mirror_axes", "clip"):
         if key in sub.parser:
             params[key] = sub.get(key)
     return params
@@ -537,20 +588,25 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
-def _case_of(batch) -> str:
-    """The case name of a (collated or decollated) evaluator batch."""
+def _case_of(batch, key: str = "case", default: str = "case") -> str:
+    """The case name (or another meta value ``key``) of a (collated or decollated) evaluator batch."""
     item = batch[0] if isinstance(batch, (list, tuple)) else batch
     image = item.get("image") if isinstance(item, dict) else item
-    case = getattr(image, "meta", {}).get("case", "case")
+    case = getattr(image, "meta", {}).get(key, default)
     return str(case[0] if isinstance(case, (list, tuple)) else case)
 
 
 class CascadeReport:
     """Evaluator handler: per-case efficiency (wall time, peak memory, memory-time area) and stage times.
 
-    Writes ``output_dir/efficiency.csv`` (:class:`flare23.efficiency.EfficiencyLog`) and
-    ``output_dir/timings.csv`` (seconds per stage) after every case, and logs a median summary
-    at the end.
+    Writes after every case ``output_dir/efficiency.csv`` (:class:`flare23.efficiency.EfficiencyLog`),
+    ``output_dir/timings.csv`` (seconds per stage) and ``output_dir/<case>_roi.json``: the case's
+    record with ``roi_box`` (:meth:`flare23.roi.RoiBox.to_json` with the input's affine: voxel
+    ``start`` inclusive / ``stop`` exclusive, and ``corners_mm``, the 8 outer voxel-edge corners of
+    the box in world mm, ``affine @ (index - 0.5 | stop - 0.5)``; ``{"empty": true}`` for an empty
+    ROI), ``stage_seconds``, ``total_s``, ``threads`` and ``device``. Logs a median summary at the
+    end. When the run ends, completed or failed, the network's background weight loader is joined
+    and a running memory monitor stopped.
     """
 
     def __init__(self, inferer: CascadeInferer, output_dir: str, device=None, interval: float = 0.1):
@@ -568,6 +624,20 @@ class CascadeReport:
         engine.add_event_handler(Events.ITERATION_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop)
         engine.add_event_handler(Events.COMPLETED, self._summary)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def _cleanup(self, engine) -> None:
+        mon, self._monitor = self._monitor, None
+        if mon is not None and mon._thread is not None:
+            mon.__exit__(None, None, None)
+        network = getattr(engine, "network", None)
+        if hasattr(network, "join"):
+            network.join()
+
+    def _failed(self, engine, exc: BaseException) -> None:
+        """Events.EXCEPTION_RAISED: clean up, then raise on (ignite swallows it once a handler exists)."""
+        self._cleanup(engine)
+        raise exc
 
     def _start(self, engine) -> None:
         from flare23.efficiency import EfficiencyMonitor
@@ -588,6 +658,21 @@ class CascadeReport:
         row["total_s"] = round(mon.wall_s, 4)
         self.rows.append(row)
         self._write_timings()
+        self._write_record(engine, case, row)
+
+    def _write_record(self, engine, case: str, row: dict) -> None:
+        from flare23.io import atomic_write_json
+
+        record = {
+            "case": case,
+            "source": _case_of(engine.state.batch, "filename_or_obj", ""),
+            "roi_box": self.inferer.box_records[-1] if self.inferer.box_records else None,
+            "stage_seconds": {k: v for k, v in row.items() if k not in ("case", "total_s")},
+            "total_s": row["total_s"],
+            "threads": torch.get_num_threads(),
+            "device": str(self.device) if self.device is not None else None,
+        }
+        atomic_write_json(self.output_dir / f"{case}_roi.json", record)
 
     def _write_timings(self) -> None:
         from flare23.io import atomic_write_text
@@ -598,13 +683,13 @@ class CascadeReport:
         atomic_write_text(self.output_dir / "timings.csv", "\n".join(lines) + "\n")
 
     def _summary(self, engine) -> None:
+        self._cleanup(engine)
         self._print_medians()
         failures = self.inferer.failures
         if failures:
             n = len(self.rows) + len(failures)
-            raise Flare23Error(
-                f"{len(failures)} of {n} case(s) failed (listed above); the others were written to {self.output_dir}"
-            )
+            rest = f"the others were written to {self.output_dir}" if self.rows else "no result was written"
+            raise Flare23Error(f"{len(failures)} of {n} case(s) failed (listed above); {rest}")
 
     def _print_medians(self) -> None:
         if not self.rows:

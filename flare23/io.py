@@ -6,7 +6,9 @@
   gzip-compressed (or a gzip-compressed ``.nii``) is read by its content, with a warning.
 * :func:`save_nifti`, :func:`atomic_write_text` and :func:`atomic_write_json` write to a temporary
   file in the destination folder and rename it into place, so a reader never sees a partial file
-  and an interrupted run leaves nothing behind. Inputs are only ever opened for reading.
+  and an interrupted run leaves nothing behind. The file gets the mode that ``open()`` would give
+  it (``0666`` less the process's umask, e.g. ``0644``), not ``mkstemp``'s private ``0600``.
+  Inputs are only ever opened for reading.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from flare23 import bundles as _bundles  # noqa: F401 - its import installs the one-line error hook of `monai.bundle run`
 from flare23.constants import FINGERPRINT_DEFAULTS, IMAGE_SUFFIX
 from flare23.errors import Flare23Error
 
@@ -190,9 +193,26 @@ def ensure_output_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only there)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The file gets ``0666`` less the umask; an ``OSError`` of the block is a one-line error naming ``path``.
+    """
     path = Path(path)
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else path.suffix
     try:
@@ -202,11 +222,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError):  # a full disk, a vanished folder: one line naming the file
+            raise Flare23Error(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
 
 

@@ -461,6 +461,7 @@ def locate(
     slice_target_mm: float = ROI_SLICE_TARGET_MM,
     return_mask: bool = False,
     mirror_axes: Sequence[int] = (),
+    clip: Sequence[float] = ROI_CLIP,
 ):
     """The whole ROI stage on a full-resolution CT ``image`` ``(X, Y, Z)`` (any array order) with ``affine``.
 
@@ -479,7 +480,7 @@ def locate(
     target = ras_affine(sub_affine, sub.shape)
     device = torch.device(device) if device is not None else next(network.parameters()).device
     x = reorient(sub, sub_affine, target).to(device, non_blocking=True)
-    x = normalise_roi(x)[None, None]
+    x = normalise_roi(x, clip)[None, None]
     mask = roi_predict(network, x, max_whole_slices, tile, pad_multiple, -1, autocast, mirror_axes)[0, 0]
     mask = reorient(mask, target, sub_affine).cpu()
     box = roi_box(mask, strides, img.shape, a, margins_mm)

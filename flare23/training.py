@@ -93,18 +93,19 @@ def _first_line(exc: BaseException) -> str:
     return line.split(". ")[0]  # the first sentence; torch adds paragraphs of advice
 
 
-def torch_load_safe(path: str | Path, map_location="cpu") -> dict:
+def torch_load_safe(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """``torch.load(weights_only=True)`` with one-line errors; never unpickles arbitrary objects.
 
     A file that cannot be read to the end (truncated, empty, garbage) raises
     :class:`CorruptCheckpointError`; a complete archive whose pickle asks for anything but tensors and
-    plain containers is refused with :class:`Flare23Error` (its payload is not executed).
+    plain containers is refused with :class:`Flare23Error` (its payload is not executed). ``mmap=True``
+    maps the tensors instead of reading them (to read a checkpoint's settings cheaply).
     """
     path = Path(path)
     if not path.is_file():
         raise Flare23Error(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(str(path), map_location=map_location, weights_only=True)
+        obj = torch.load(str(path), map_location=map_location, weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as exc:
         if zipfile.is_zipfile(path):
             raise Flare23Error(

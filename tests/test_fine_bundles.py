@@ -108,7 +108,7 @@ def test_training_cli_writes_checkpoints_logs_and_best_model(trained):
     bundle, ckpt_dir = trained["bundle"], trained["ckpt_dir"]
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
     state = torch.load(ckpt_dir / "checkpoint_epoch=2.pt", weights_only=True)
-    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model"}
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "settings"}
     assert state["trainer"]["iteration"] == 2 and state["trainer"]["epoch_length"] == 1
     assert state["lr_scheduler"]["last_epoch"] == 2
     assert state["optimizer"]["param_groups"][0]["momentum"] == C.MOMENTUM
@@ -116,10 +116,11 @@ def test_training_cli_writes_checkpoints_logs_and_best_model(trained):
     # poly decay per epoch: after epoch 1 of 2 the lr is 0.01 * (1 - 1/2) ** 0.9
     lrs = [float(x) for x in re.findall(r"Current learning rate: ([0-9.e-]+)", trained["log"])]
     assert lrs and lrs[0] == pytest.approx(C.LEARNING_RATE * (1 - 1 / 2) ** C.POLY_POWER, rel=1e-4)
-    # key metric in the log, best model = plain state dict of the network that loads strictly
+    # key metric in the log, best model = state dict of the network that loads strictly, and the settings
     assert re.search(rf"Key metric: {KEY_METRIC[bundle]} best value", trained["log"])
     best = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in best.values())
+    assert set(best) == {"model", "settings"} and all(isinstance(v, torch.Tensor) for v in best["model"].values())
+    assert best["settings"]["values"]["patch_size"] == TINY[bundle]["patch_size"]
     from flare23.training import load_weights
 
     net = workflow(bundle, ["inference.json"], "infer", **tiny(bundle)).parser.get_parsed_content("network_def")
@@ -344,7 +345,7 @@ def test_check_properties_train_finetune_and_multi_gpu(trained, tmp_path, monkey
     assert optimizer.param_groups[0]["lr"] == C.FINETUNE_LEARNING_RATE
     best = torch.load(trained["ckpt_dir"] / "model.pt", weights_only=True)
     net = ft.parser.get_parsed_content("network_def")
-    assert all(torch.equal(net.state_dict()[k].cpu(), v) for k, v in best.items())  # initialised from the checkpoint
+    assert all(torch.equal(net.state_dict()[k].cpu(), v) for k, v in best["model"].items())  # initialised from the checkpoint
     ratios = ft.parser.get_parsed_content("crop_ratios")
     if bundle == "tumor_seg":
         assert [i for i, r in enumerate(ratios) if r > 0] == [C.TUMOR_ID]
@@ -432,10 +433,13 @@ def test_configs_read_the_constants(tmp_path):
             assert [i for i, w in enumerate(weights) if w != 1.0] == [C.TUMOR_ID] and weights[C.TUMOR_ID] == 2.0
             r = get("crop_ratios")
             assert r[C.TUMOR_ID] == sum(r[c] for c in C.ORGAN_IDS)  # half of the patches tumor-centred
-        # train.json and inference.json build the same network (the pipeline reuses inference.json's)
+        # train.json and inference.json build the same network (the pipeline reuses inference.json's); inference
+        # builds it through flare23.trained.trained_network, which follows the checkpoint's recorded settings
         q = ConfigParser()
         q.read_config(str(configs(bundle) / "inference.json"))
-        assert p.get("network_def") == q.get("network_def")
+        inference = dict(q.get("network_def"))
+        assert inference.pop("_target_") == "flare23.trained.trained_network" and inference.pop("settings") == "@trained"
+        assert {"_target_": inference.pop("network"), **inference} == p.get("network_def")
 
 
 def test_network_from_config_deep_supervision_and_loss():
@@ -467,13 +471,13 @@ def test_network_from_config_deep_supervision_and_loss():
 def test_metadata_validates_and_matches_constants(bundle):
     jsonschema = pytest.importorskip("jsonschema")
     meta = json.loads((configs(bundle) / "metadata.json").read_text())
-    for schema_file in ("meta_schema_20240725.json", "meta_schema_20220324.json"):
+    for schema_file in ("meta_schema_20240725.json",):
         schema_path = SCHEMAS / schema_file
         if not schema_path.exists():
             pytest.skip(f"{schema_path} missing")
         jsonschema.validate(meta, json.loads(schema_path.read_text()))
     assert meta["version"] in meta["changelog"]
-    assert meta["required_packages_version"] == meta["optional_packages_version"]
+    assert "optional_packages_version" not in meta  # one requirements key (the deprecated one made MONAI warn)
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == C.CHANNEL_DEF and pred["num_channels"] == C.NUM_CLASSES
     patch = C.ORGAN_PATCH_XYZ if bundle == "organ_seg" else C.TUMOR_PATCH_XYZ

@@ -226,7 +226,8 @@ def test_multi_gpu_train_splits_data_and_saves_on_rank_0_only(runs, bundle):
     assert written == sorted(["checkpoint_epoch=1.pt", "model.pt"]), written
     assert sorted(p.name for p in ckpt_dir.iterdir()) == written  # no temporary or partial files left
     state = torch.load(ckpt_dir / "model.pt", weights_only=True)
-    assert state and not any(k.startswith("module.") for k in state)
+    assert state["model"] and not any(k.startswith("module.") for k in state["model"])  # DDP unwrapped
+    assert state["settings"]["network"]["_target_"].endswith(("DynUNet", "LightUNet"))  # torchrun records the settings too
     full = torch.load(ckpt_dir / "checkpoint_epoch=1.pt", weights_only=True)
     assert full["trainer"]["iteration"] == 2 and full["trainer"]["epoch_length"] == 2
 

@@ -43,7 +43,7 @@ def test_pack_round_trip(ckpts, tmp_path):
     for key, value in nets.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     state = torch.load(str(out), weights_only=True)
-    assert {k.split(".")[0] for k in state} == {"roi", "organ", "tumor"}
+    assert {k.split(".")[0] for k in state["model"]} == {"roi", "organ", "tumor"}
 
     # load_async prefers the three sub-checkpoints, falls back to the combined one
     other = _networks()

@@ -87,6 +87,7 @@ def test_segment_cli_single_file_to_file_and_bad_input(inputs, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("flare23: error:")]
     assert any("broken_0000.nii.gz" in ln and "not a readable NIfTI" in ln for ln in lines), r.stderr[-2000:]
     assert "1 of 1 case(s) failed" in lines[-1]
+    assert ".flare23-" not in r.stderr  # no message names the temporary folder, deleted by then
     assert not (tmp_path / "x.nii.gz").exists()
 
 

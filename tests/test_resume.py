@@ -141,7 +141,7 @@ def test_killed_training_resumes_with_counters_optimizer_lr_and_loss_curve(tiny_
     # the checkpoint of epoch 2 is complete and loads with weights_only=True; epoch 3 was never written
     assert [p.name for p in list_checkpoints(ckpt)] == ["checkpoint_epoch=2.pt"] and not interrupted_saves(ckpt)
     ckpt2 = torch.load(ckpt / "checkpoint_epoch=2.pt", weights_only=True)
-    assert set(ckpt2) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model"}
+    assert set(ckpt2) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "settings"}
     assert ckpt2["trainer"]["iteration"] == 2 * ITERS and ckpt2["trainer"]["epoch_length"] == ITERS
     assert ckpt2["lr_scheduler"]["last_epoch"] == 2
     assert len(ckpt2["optimizer"]["state"]) > 0 and all("momentum_buffer" in s for s in ckpt2["optimizer"]["state"].values())

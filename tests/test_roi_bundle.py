@@ -74,12 +74,12 @@ def trained(tiny_phantoms, tmp_path_factory) -> dict:
 # --- metadata and config contract -----------------------------------------------------------------
 def test_metadata_validates_and_matches_the_constants(shared_dir):
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    for schema in ("meta_schema_20240725.json", "meta_schema_20220324.json"):
+    for schema in ("meta_schema_20240725.json",):
         jsonschema.validate(meta, json.loads((shared_dir / "schemas" / schema).read_text()))
     assert meta["version"] in meta["changelog"]
     assert meta["monai_version"] == monai.__version__
     assert torch.__version__.startswith(meta["pytorch_version"])
-    assert meta["required_packages_version"] == meta["optional_packages_version"]
+    assert "optional_packages_version" not in meta  # one requirements key (the deprecated one made MONAI warn)
     pred = meta["network_data_format"]["outputs"]["pred"]
     assert pred["num_channels"] == ROI_NUM_CLASSES == len(pred["channel_def"])
     assert pred["channel_def"]["0"] == LABELS[0]
@@ -132,10 +132,12 @@ def test_training_writes_checkpoints_and_best_model(trained):
     ckpt = trained["ckpt"]
     assert (ckpt / "checkpoint_epoch=1.pt").is_file() and (ckpt / "model.pt").is_file()
     state = torch.load(ckpt / "model.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in state)  # a plain state dict of the network
+    assert set(state) == {"model", "settings"}  # the network's state dict and what inference needs (flare23.trained)
+    assert not any(k.startswith("module.") for k in state["model"])  # a plain state dict of the network
+    assert state["settings"]["network"]["filters"] == FILTERS and state["settings"]["model"] == "roi"
     tiny_net(ckpt / "model.pt")  # strict load into the tiny network
     full = torch.load(ckpt / "checkpoint_epoch=1.pt", weights_only=True)
-    assert set(full) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model"}
+    assert set(full) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "settings"}
     assert full["trainer"]["iteration"] == 2 and full["trainer"]["epoch_length"] == 2
     assert full["optimizer"]["param_groups"][0]["nesterov"] is True
     assert list(trained["out"].glob("events.out.tfevents.*"))
@@ -172,7 +174,7 @@ def test_training_can_start_from_pretrained_weights(trained, tmp_path):
     wf.initialize()
     got = wf.parser.get_parsed_content("network").state_dict()
     wf.finalize()
-    expected = torch.load(trained["ckpt"] / "model.pt", weights_only=True)
+    expected = torch.load(trained["ckpt"] / "model.pt", weights_only=True)["model"]
     assert set(got) == set(expected) and all(torch.equal(got[k].cpu(), expected[k]) for k in expected)
 
 
