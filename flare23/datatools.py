@@ -9,9 +9,10 @@ The rules are those of ``METHOD.md`` section 2.
 Bad input and partial results. Every command checks, before it creates or writes anything, that
 every image has its label (and every partial label its pseudo label) and that each file's header
 describes a readable 3D volume whose shape and affine match its partner; then that the output
-folder is writable and is not an input folder. Then the cases are processed (in parallel with ``workers`` > 1,
-with a progress bar on a terminal); each case reads and validates all its inputs in full (a
-truncated file is found here) before it writes its outputs, which are written atomically. The first
+folder is writable and is not an input folder (for ``crop``: new or empty). Then the cases are
+processed (in parallel with ``workers`` > 1, with a progress bar on a terminal); each case reads and
+validates all its inputs in full (a truncated file is found here) before it writes its outputs,
+which are written atomically. The first
 failure stops the run: a one-line :class:`~flare23.errors.Flare23Error` that names the case and the
 problem, exit status 2 (see :mod:`flare23.cli`). The failing case leaves no file; cases finished
 before it keep their (complete) output files. Inputs are only ever opened for reading.
@@ -333,11 +334,24 @@ def _save_all(items: Sequence[tuple]) -> None:
             save_nifti(data, affine, tmp, header=header, dtype=dtype)
 
 
-def _check_output_dir(out, inputs: Sequence) -> Path:
+def _check_output_dir(out, inputs: Sequence, must_be_empty: bool = False) -> Path:
+    """Create the output folder ``out`` after checking that it is no input folder and, with
+    ``must_be_empty``, that it is new or empty (files of an earlier run would mix in)."""
     out = Path(out)
     for folder in inputs:
         if out.resolve() == Path(folder).resolve():
             raise Flare23Error(f"{out}: output folder is an input folder; choose another so that inputs are never overwritten")
+    if must_be_empty and out.is_dir():
+        try:
+            with os.scandir(out) as entries:
+                used = next(entries, None) is not None
+        except OSError as exc:
+            raise Flare23Error(f"{out}: output folder is not readable ({exc.strerror or exc})") from None
+        if used:
+            raise Flare23Error(
+                f"{out}: output folder is not empty; give a new or empty folder (files of an earlier run, e.g. the other "
+                "model's cases, would mix in); nothing was written"
+            )
     return ensure_output_dir(out)
 
 
@@ -514,51 +528,93 @@ def bbox_with_physical_margins(
     return tuple(slice(int(max(0, a)), int(min(n, b))) for a, b, n in zip(lo, hi, mask.shape))
 
 
+#: ``flare23 crop --model``: whether the paper's case selection (:func:`tumor_inside_organs`) is applied.
+CROP_SELECTION = {"organ": False, "tumor": True}
+
+
+def _crop_model(model, require_tumor_in_organs=None) -> bool:
+    """The selection of ``--model`` (``organ`` or ``tumor``); a missing or other value, or a
+    ``--require_tumor_in_organs`` (the former switch) that contradicts it, is a one-line error."""
+    require = require_tumor_in_organs
+    if require is not None and not isinstance(require, bool):
+        flag = str(require).strip().lower()
+        if flag not in ("true", "false"):
+            raise Flare23Error(f"crop: --require_tumor_in_organs {require!r}: expected true or false (better: leave it out)")
+        require = flag == "true"
+    if model is None:
+        hint = (
+            f"; --require_tumor_in_organs {str(require).lower()} is --model {'tumor' if require else 'organ'}"
+            if require is not None
+            else ""
+        )
+        raise Flare23Error(
+            "crop: --model is required: organ (every labelled case, for organ_seg) or tumor (only cases whose tumor bounding "
+            f"box lies inside the organ bounding box, for tumor_seg; METHOD.md section 2){hint}"
+        )
+    if not isinstance(model, str) or model not in CROP_SELECTION:
+        raise Flare23Error(f"crop: --model {model!r}: expected one of {', '.join(CROP_SELECTION)}")
+    if require is not None and require != CROP_SELECTION[model]:
+        raise Flare23Error(
+            f"crop: --require_tumor_in_organs {str(require).lower()} contradicts --model {model} (the selection is "
+            f"{'on' if CROP_SELECTION[model] else 'off'} for it); give --model alone"
+        )
+    return CROP_SELECTION[model]
+
+
 def crop_cli(
     images: str,
     labels: str,
     out: str,
+    model: str | None = None,
     margin_mm: float | None = None,
-    require_tumor_in_organs: bool = False,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
     workers: int = 1,
+    require_tumor_in_organs: bool | None = None,
 ) -> None:
-    """Crop images and labels to the bounding box of the labels (> 0) plus a margin.
+    """Crop images and labels to the bounding box of the labels (> 0) plus a margin, for one fine model.
 
     Args:
         images: folder of ``<case>_0000.nii.gz``.
         labels: folder of ``<case>.nii.gz`` (the same grid as the images).
-        out: output folder; writes ``out/imagesTr/<case>_0000.nii.gz`` and ``out/labelsTr/<case>.nii.gz``
-            with the affine shifted so that every voxel keeps its world position.
+        out: a new or empty output folder (a non-empty one is refused, so that the cases of an
+            earlier crop, e.g. the other model's, never mix in); writes ``out/imagesTr/<case>_0000.nii.gz``
+            and ``out/labelsTr/<case>.nii.gz`` with the affine shifted so that every voxel keeps its
+            world position, and ``out/datalist.json`` (MONAI datalist of the cropped cases, paths
+            relative to ``out``, which the bundles' ``--dataset_dir out`` reads).
+        model: required, ``organ`` or ``tumor``, the fine model the crops are for (METHOD.md
+            section 2). With ``organ`` every case with a labelled voxel is kept; with ``tumor`` the
+            paper's selection applies as well and keeps only cases whose tumor bounding box lies
+            inside the organ bounding box (cases without tumor are kept). Crop once per model, into
+            separate folders (``data/flare23_organ``, ``data/flare23_tumor``).
         margin_mm: margin around the box in mm on every side, converted per axis with the voxel
             spacing (rounded up). Default: the largest training context of the fine models
             (``flare23.constants.CONTEXT_MARGINS_MM``: 120 mm towards the feet, 60 mm towards the
             head, 30 mm in-plane, physical directions), so that their context augmentation
             (``RandRoiContextCropd``) can show them what the ROI box gives at inference.
-        require_tumor_in_organs: keep only cases whose tumor bounding box lies inside the organ
-            bounding box (cases without tumor are kept), the paper's selection for the tumor model.
+        validation_fraction: share of the cropped cases put in the datalist's ``validation``
+            (hash of the case name and ``seed``, as ``flare23 datalist`` and ``split_cases`` do).
+        seed: seed of the split.
         workers: parallel processes.
+        require_tumor_in_organs: the former switch of the selection, accepted only where it agrees
+            with ``model`` (``true`` with ``tumor``, ``false`` with ``organ``); a contradiction is an error.
 
-    Cases without any labelled voxel and cases rejected by the selection are skipped and listed.
+    Cases without any labelled voxel and cases rejected by the selection are skipped and listed;
+    they get no file and no datalist entry. No case left is an error.
     """
+    require = _crop_model(model, require_tumor_in_organs)
+    split_cases([], validation_fraction, seed)  # validates the options before any work
     pairs = _pair_folders(images, labels, True, "image", "label")
     if margin_mm is None:
         margin_mm = {k: float(hi) for k, (_lo, hi) in CONTEXT_MARGINS_MM.items()}
     else:
         margin_voxels((1.0, 1.0, 1.0), margin_mm)  # validates the option before any work
     _check_headers(pairs)
-    out = Path(out)
+    out = _check_output_dir(out, [images, labels], must_be_empty=True)
     image_dir = _check_output_dir(out / "imagesTr", [images, labels])
     label_dir = _check_output_dir(out / "labelsTr", [images, labels])
     jobs = [
-        (
-            case,
-            img,
-            lbl,
-            image_dir / f"{case}{IMAGE_SUFFIX}.nii.gz",
-            label_dir / f"{case}.nii.gz",
-            margin_mm,
-            bool(require_tumor_in_organs),
-        )
+        (case, img, lbl, image_dir / f"{case}{IMAGE_SUFFIX}.nii.gz", label_dir / f"{case}.nii.gz", margin_mm, require)
         for case, img, lbl in pairs
     ]
 
@@ -569,10 +625,22 @@ def crop_cli(
             _echo(f"{job[0]}: skipped ({info['reason']})")
 
     results = _run_cases(_crop_case, jobs, workers, "crop", report)
+    kept = [job for job, r in zip(jobs, results) if r["kept"]]
     skipped = [(job[0], r["reason"]) for job, r in zip(jobs, results) if not r["kept"]]
-    print(f"cropped {len(jobs) - len(skipped)} of {len(jobs)} cases into {out}")
+    why = ", ".join(f"{c} ({reason})" for c, reason in skipped)
+    if not kept:
+        first = ", ".join(f"{c} ({reason})" for c, reason in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        raise Flare23Error(f"crop --model {model}: no case left to train on, all {len(jobs)} skipped: {first}")
+    by_case = {job[0]: {"image": _relative(job[3], out), "label": _relative(job[4], out)} for job in kept}
+    training, validation = split_cases(list(by_case), validation_fraction, seed)
+    datalist = out / "datalist.json"
+    atomic_write_json(datalist, {"training": [by_case[c] for c in training], "validation": [by_case[c] for c in validation]})
     if skipped:
-        print(f"skipped {len(skipped)}: " + ", ".join(f"{c} ({why})" for c, why in skipped))
+        print(f"skipped {len(skipped)}: {why}")
+    print(
+        f"cropped {len(kept)} of {len(jobs)} cases for the {model} model into {out}; "
+        f"datalist: {len(training)} training, {len(validation)} validation cases -> {datalist}"
+    )
 
 
 # --- fingerprint ---------------------------------------------------------------------------------
@@ -687,6 +755,7 @@ __all__ = [
     "mask_box",
     "box_inside",
     "case_rng",
+    "CROP_SELECTION",
     "crop_cli",
     "datalist_cli",
     "fingerprint_cli",

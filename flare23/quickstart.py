@@ -8,8 +8,9 @@ folder, outside the repository):
    with full, partial and pseudo labels, and a separate held-out set (another seed).
 2. **data tools** (:mod:`flare23.datatools`, the ``flare23`` subcommands): full training labels
    merged from the partial + pseudo labels (``merge-labels``; the generator's full labels are not
-   used for training), the ROI datalist, crops to the labels' bounding box for the fine models
-   (``crop``), their datalist (``datalist``) and the CT fingerprint (``fingerprint``).
+   used for training), the ROI datalist, then for each fine model its own folder: crops to the
+   labels' bounding box with the model's case selection and its datalist (``crop --model organ`` /
+   ``crop --model tumor``, METHOD.md section 2) and its CT fingerprint (``fingerprint``).
 3. **training** of the three bundles (``roi_extractor``, ``organ_seg``, ``tumor_seg``) through their
    own ``configs/train.json`` (``monai.bundle.ConfigWorkflow``, in this process), briefly and with
    small networks: only ids of the bundle contract are overridden (``dataset_dir``, ``ckpt_dir``,
@@ -62,6 +63,8 @@ from flare23.errors import Flare23Error
 logger = logging.getLogger(__name__)
 
 BUNDLES = ("roi_extractor", "organ_seg", "tumor_seg")
+#: The fine bundles and their ``flare23 crop --model`` (each trains on its own crop folder ``data/flare23_<model>``).
+FINE_MODELS = {"organ_seg": "organ", "tumor_seg": "tumor"}
 #: Share of the training time of each bundle (the time guard's allotment).
 TRAIN_SHARES = {"roi_extractor": 0.15, "organ_seg": 0.6, "tumor_seg": 0.25}
 
@@ -600,9 +603,9 @@ def quickstart(
         "held-out phantoms": data / "heldout",
         "merged training labels": data / "merged_labels",
         "ROI datalist": data / "roi_datalist.json",
-        "fine-model crops": data / "fine",
-        "fine-model datalist": data / "fine" / "datalist.json",
-        "fingerprint": data / "fingerprint.json",
+        **{f"{m} model crops": data / f"flare23_{m}" for m in FINE_MODELS.values()},
+        **{f"{m} model datalist": data / f"flare23_{m}" / "datalist.json" for m in FINE_MODELS.values()},
+        **{f"{m} model fingerprint": data / f"flare23_{m}" / "fingerprint.json" for m in FINE_MODELS.values()},
         **{f"{b} checkpoints": out / "checkpoints" / b for b in BUNDLES},
         "TensorBoard logs": out / "runs",
         "predictions": out / "predictions",
@@ -729,7 +732,7 @@ def _run_steps(plan, root, out, seed, workers, device, paths, step, logs, traini
             paths["held-out phantoms"], cases=plan["test_cases"], seed=seed + 1_000_003, size=plan["size"],
             validation_fraction=0.0, workers=workers, progress=True,
         )  # fmt: skip
-    with step(2, "data tools", "data tools: merge partial + pseudo labels, ROI datalist, crops, fine datalist, fingerprint"):
+    with step(2, "data tools", "data tools: merged labels, ROI datalist; per fine model: crops, datalist, fingerprint"):
         ph = paths["training phantoms"]
         _say(
             "      "
@@ -746,30 +749,20 @@ def _run_steps(plan, root, out, seed, workers, device, paths, step, logs, traini
             logs, datatools.datalist_cli, str(ph / "imagesTr"), str(paths["merged training labels"]), out=str(paths["ROI datalist"]),
             validation_fraction=plan["validation_fraction"], seed=seed,
         ))  # fmt: skip
-        fine = paths["fine-model crops"]
-        _say("      " + _tool(
-            logs, datatools.crop_cli, str(ph / "imagesTr"), str(paths["merged training labels"]), str(fine),
-            margin_mm=plan["crop_margin_mm"], workers=workers,
-        ))  # fmt: skip
-        _say("      " + _tool(
-            logs, datatools.datalist_cli, str(fine / "imagesTr"), str(fine / "labelsTr"), out=str(paths["fine-model datalist"]),
-            validation_fraction=plan["validation_fraction"], seed=seed,
-        ))  # fmt: skip
-        _say(
-            "      "
-            + _tool(
-                logs,
-                datatools.fingerprint_cli,
-                str(fine / "imagesTr"),
-                str(fine / "labelsTr"),
-                str(paths["fingerprint"]),
-                workers=workers,
-            )
-        )
+        for model in FINE_MODELS.values():  # a folder each: the tumor model's case selection must not reach the organ model
+            crops = paths[f"{model} model crops"]
+            _say("      " + _tool(
+                logs, datatools.crop_cli, str(ph / "imagesTr"), str(paths["merged training labels"]), str(crops), model=model,
+                margin_mm=plan["crop_margin_mm"], validation_fraction=plan["validation_fraction"], seed=seed, workers=workers,
+            ))  # fmt: skip
+            _say("      " + _tool(
+                logs, datatools.fingerprint_cli, str(crops / "imagesTr"), str(crops / "labelsTr"),
+                str(paths[f"{model} model fingerprint"]), workers=workers,
+            ))  # fmt: skip
 
     sub_overrides = {b: dict(plan[b]["network"]) for b in BUNDLES}
-    for b in ("organ_seg", "tumor_seg"):
-        sub_overrides[b]["fingerprint_file"] = str(paths["fingerprint"])
+    for b, model in FINE_MODELS.items():
+        sub_overrides[b]["fingerprint_file"] = str(paths[f"{model} model fingerprint"])
     reserve = 0.0
     if deadline_total is not None:
         reserve = max(60.0, 0.12 * (deadline_total - t_start))  # pipeline, evaluation and report
@@ -786,14 +779,14 @@ def _run_steps(plan, root, out, seed, workers, device, paths, step, logs, traini
                 share = TRAIN_SHARES[bundle] / sum(TRAIN_SHARES[b] for b in remaining)
                 now = time.monotonic()
                 deadline = now + max(0.0, deadline_total - reserve - now) * share
-            fine = bundle != "roi_extractor"
+            model = FINE_MODELS.get(bundle)
             overrides = {**plan[bundle]["network"], **train}
-            if fine:
-                overrides["fingerprint_file"] = str(paths["fingerprint"])
+            if model:
+                overrides["fingerprint_file"] = str(paths[f"{model} model fingerprint"])
             result = train_bundle(
                 root / bundle,
-                paths["fine-model crops"] if fine else data,
-                paths["fine-model datalist"] if fine else paths["ROI datalist"],
+                paths[f"{model} model crops"] if model else data,
+                paths[f"{model} model datalist"] if model else paths["ROI datalist"],
                 paths[f"{bundle} checkpoints"],
                 out / "runs" / bundle,
                 overrides,

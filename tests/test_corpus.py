@@ -416,7 +416,7 @@ def test_crop_and_roi_labels_on_unusual_geometries_and_names(tmp_path, capsys):
     write_nifti(labels / "not_gzip.nii.gz", organ_label(), ras_affine())
     expected["not_gzip"] = _independent_crop(nan_image, organ_label(), ras_affine())
     before = tree_hashes(tmp_path)
-    main([str(a) for a in ("crop", images, labels, tmp_path / "out", "--margin_mm", "10")])
+    main([str(a) for a in ("crop", images, labels, tmp_path / "out", "--model", "organ", "--margin_mm", "10")])
     for name, (img, lab, affine) in expected.items():
         got = nib.load(str(tmp_path / "out" / "imagesTr" / f"{name}_0000.nii.gz"))
         got_lab = nib.load(str(tmp_path / "out" / "labelsTr" / f"{name}.nii.gz"))
@@ -446,7 +446,7 @@ def test_data_tools_refuse_a_zero_affine_and_nan_foreground(tmp_path, capsys, co
     before = tree_hashes(tmp_path)
     out = tmp_path / "out"
     argv = {
-        "crop": ["crop", images, labels, out],
+        "crop": ["crop", images, labels, out, "--model", "organ"],
         "fingerprint": ["fingerprint", images, labels, out / "fp.json"],
         "roi-labels": ["roi-labels", labels, out],
         "datalist": ["datalist", images, "--labels", labels, "--out", out / "dl.json"],

@@ -17,6 +17,7 @@ from nibabel.affines import apply_affine
 
 from flare23 import datatools
 from flare23.constants import ORGAN_IDS, TUMOR_ID
+from flare23.errors import Flare23Error
 from flare23.io import read_fingerprint
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -273,7 +274,9 @@ def test_crop_cli_hand_built_oblique(tmp_path, capsys):
     _write(tmp_path / "in" / "labelsTr" / "empty.nii.gz", np.zeros(shape, np.uint8), affine)
     before = _hashes(tmp_path / "in")
 
-    datatools.crop_cli(str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "all"), margin_mm=4.0)
+    datatools.crop_cli(
+        str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "all"), model="organ", margin_mm=4.0
+    )
     out = capsys.readouterr().out
     assert "cropped 3 of 4 cases" in out and "empty (no labelled voxel)" in out
     for name, (image, label) in cases.items():
@@ -296,23 +299,30 @@ def test_crop_cli_hand_built_oblique(tmp_path, capsys):
         str(tmp_path / "in" / "imagesTr"),
         str(tmp_path / "in" / "labelsTr"),
         str(tmp_path / "sel"),
+        model="tumor",
         margin_mm=4.0,
-        require_tumor_in_organs=True,
     )
     out = capsys.readouterr().out
     assert "outside (tumor bounding box not inside the organ bounding box)" in out
     assert _files(tmp_path / "sel") == [
+        "datalist.json",
         "imagesTr/border_0000.nii.gz",
         "imagesTr/inside_0000.nii.gz",
         "labelsTr/border.nii.gz",
         "labelsTr/inside.nii.gz",
     ]
+    for folder, names in (("all", {"border", "inside", "outside"}), ("sel", {"border", "inside"})):
+        listed = json.loads((tmp_path / folder / "datalist.json").read_text())
+        items = listed["training"] + listed["validation"]
+        assert {Path(i["label"]).name for i in items} == {f"{n}.nii.gz" for n in names}
+        assert all((tmp_path / folder / i["image"]).is_file() and (tmp_path / folder / i["label"]).is_file() for i in items)
     assert _hashes(tmp_path / "in") == before
 
 
 def test_crop_on_real_ct(real_folder, tmp_path, cli):
     before = _hashes(real_folder)
-    cli(["crop", str(real_folder / "imagesTr"), str(real_folder / "labelsTr"), str(tmp_path / "crop"), "--margin_mm", "10"])
+    cli(["crop", str(real_folder / "imagesTr"), str(real_folder / "labelsTr"), str(tmp_path / "crop"), "--model", "organ",
+         "--margin_mm", "10"])  # fmt: skip
     image, affine = _read(real_folder / "imagesTr" / "real_0000.nii.gz")
     label, _ = _read(real_folder / "labelsTr" / "real.nii.gz")
     box = _expected_box(label > 0, (3.0, 3.0, 3.0), 10.0)  # 10 mm at 3 mm -> 4 voxels
@@ -325,6 +335,139 @@ def test_crop_on_real_ct(real_folder, tmp_path, cli):
     )
     assert got_image.shape < image.shape and (got_label > 0).sum() == (label > 0).sum()
     assert _hashes(real_folder) == before
+
+
+def _cases_in(folder: Path) -> dict[str, set[str]]:
+    """Cases of a crop output: in imagesTr, in labelsTr and in datalist.json (training + validation)."""
+    listed = json.loads((folder / "datalist.json").read_text())
+    items = listed["training"] + listed["validation"]
+    return {
+        "imagesTr": {p.name[: -len("_0000.nii.gz")] for p in (folder / "imagesTr").glob("*.nii.gz")},
+        "labelsTr": {p.name[: -len(".nii.gz")] for p in (folder / "labelsTr").glob("*.nii.gz")},
+        "datalist": {Path(i["label"]).name[: -len(".nii.gz")] for i in items},
+        "datalist images": {Path(i["image"]).name[: -len("_0000.nii.gz")] for i in items},
+    }
+
+
+def test_crop_model_tumor_drops_a_tumor_outside_the_organ_box(tiny_phantoms, tmp_path, capsys, cli):
+    from monai.data import load_decathlon_datalist
+
+    root = tmp_path / "in"
+    shutil.copytree(tiny_phantoms / "imagesTr", root / "imagesTr")
+    shutil.copytree(tiny_phantoms / "labelsTr", root / "labelsTr")
+    # a small tumor blob (label 14) far from the organs of one case, beyond its organ box along axes 0 and 1
+    path = root / "labelsTr" / "phantom_0000.nii.gz"
+    img = nib.load(str(path))
+    label = np.asarray(img.dataobj).copy()
+    organs = np.argwhere(np.isin(label, ORGAN_IDS))
+    lo = organs.min(0)
+    assert lo[0] >= 4 and lo[1] >= 4, "the phantom's organs reach the volume's corner: choose another place"
+    label[0:3, 0:3, label.shape[2] // 2 : label.shape[2] // 2 + 3] = TUMOR_ID
+    path.unlink()
+    nib.save(nib.Nifti1Image(label, img.affine, img.header), str(path))
+
+    expected_kept = set()  # the selection computed independently: tumor box (argwhere) inside organ box, or no tumor
+    for p in sorted((root / "labelsTr").glob("*.nii.gz")):
+        lab = np.asarray(nib.load(str(p)).dataobj)
+        tumor, organ = np.argwhere(lab == TUMOR_ID), np.argwhere(np.isin(lab, ORGAN_IDS))
+        inside = tumor.size == 0 or bool(np.all(tumor.min(0) >= organ.min(0)) and np.all(tumor.max(0) <= organ.max(0)))
+        if inside:
+            expected_kept.add(p.name[: -len(".nii.gz")])
+    all_cases = {p.name[: -len("_0000.nii.gz")] for p in (root / "imagesTr").glob("*.nii.gz")}
+    assert len(all_cases) == 6 and expected_kept == all_cases - {"phantom_0000"}
+    before = _hashes(root)
+
+    cli(["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(tmp_path / "organ"), "--model", "organ"])
+    capsys.readouterr()
+    cli(["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(tmp_path / "tumor"), "--model", "tumor"])
+    out = capsys.readouterr().out
+    assert "phantom_0000: skipped (tumor bounding box not inside the organ bounding box)" in out
+    assert "cropped 5 of 6 cases for the tumor model" in out
+
+    assert all(v == all_cases for v in _cases_in(tmp_path / "organ").values())
+    assert all(v == expected_kept for v in _cases_in(tmp_path / "tumor").values())
+    for folder, cases in (("organ", all_cases), ("tumor", expected_kept)):
+        base = tmp_path / folder
+        # read as the fine bundles' train.json does: datalist = dataset_dir/datalist.json, paths relative to dataset_dir
+        items = [
+            item
+            for key in ("training", "validation")
+            for item in load_decathlon_datalist(str(base / "datalist.json"), True, key, base_dir=str(base))
+        ]
+        assert len(items) == len(cases) and all(Path(i["image"]).is_file() and Path(i["label"]).is_file() for i in items)
+        for item in items:  # every labelled voxel is kept by the crop
+            case = Path(item["label"]).name
+            got = np.asarray(nib.load(item["label"]).dataobj)
+            ref = np.asarray(nib.load(str(root / "labelsTr" / case)).dataobj)
+            assert np.array_equal(np.bincount(got.ravel(), minlength=15)[1:], np.bincount(ref.ravel(), minlength=15)[1:])
+    assert _hashes(root) == before
+
+
+def test_crop_refuses_a_non_empty_output_folder(tmp_path, capsys, cli):
+    root = tmp_path / "in"
+    _good_dataset(root)
+    before = _hashes(root)
+    out = tmp_path / "out"
+    cli(["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(out), "--model", "organ"])
+    capsys.readouterr()
+    first = _hashes(out)
+    assert set(first) == {
+        "datalist.json",
+        "imagesTr/a_0000.nii.gz",
+        "imagesTr/b_0000.nii.gz",
+        "labelsTr/a.nii.gz",
+        "labelsTr/b.nii.gz",
+    }
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("x")
+    for target in (out, stray):  # an earlier crop (the other model's) or any other content
+        with pytest.raises(SystemExit) as info:
+            cli(["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(target), "--model", "tumor"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("flare23: error: ") and "not empty" in err, err
+    assert _hashes(out) == first and _hashes(stray) == {"notes.txt": hashlib.sha256(b"x").hexdigest()}
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an existing empty folder is fine
+    cli(["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(empty), "--model", "tumor"])
+    assert set(_hashes(empty)) == set(first)
+    assert _hashes(root) == before
+
+
+def test_crop_with_no_case_left_is_an_error(tmp_path, capsys, cli):
+    root = tmp_path / "in"
+    for name in ("a", "b"):  # a tumor and no organ: rejected by --model tumor
+        label = np.zeros(SHAPE, np.uint8)
+        label[2:4, 2:4, 2:4] = TUMOR_ID
+        _write(root / "imagesTr" / f"{name}_0000.nii.gz", np.zeros(SHAPE, np.float32))
+        _write(root / "labelsTr" / f"{name}.nii.gz", label)
+    with pytest.raises(SystemExit) as info:
+        cli(["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(tmp_path / "out"), "--model", "tumor"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and "no case left" in err, err
+    assert _files(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [([], "--model is required"), (["--model", "liver"], "'liver'"), (["--model"], "expected one of organ, tumor"),
+     (["--model", "organ", "--require_tumor_in_organs", "true"], "contradicts --model organ"),
+     (["--model", "tumor", "--require_tumor_in_organs", "False"], "contradicts --model tumor"),
+     (["--require_tumor_in_organs", "true"], "is --model tumor")],
+)  # fmt: skip
+def test_crop_model_is_required_and_validated(tmp_path, capsys, cli, extra, words):
+    root = tmp_path / "in"
+    _good_dataset(root)
+    before = _hashes(root)
+    with pytest.raises(SystemExit) as info:
+        cli(["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(tmp_path / "out"), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("flare23: error: crop: --") and words in err, err
+    assert not (tmp_path / "out").exists() and _hashes(root) == before
+    with pytest.raises(Flare23Error, match="--model is required"):
+        datatools.crop_cli(str(root / "imagesTr"), str(root / "labelsTr"), str(tmp_path / "out"))
 
 
 # --- fingerprint -----------------------------------------------------------------------------------
@@ -546,17 +689,23 @@ def _bad(kind: str, root: Path) -> None:
 
 # kind, command (placeholders IMG / LBL / PSEUDO / OUT), case named, words of the message, files that may exist in OUT
 BAD_INPUTS = [
-    ("image_without_label", ["crop", "IMG", "LBL", "OUT"], "c", "has no label", []),
+    ("image_without_label", ["crop", "IMG", "LBL", "OUT", "--model", "organ"], "c", "has no label", []),
     ("image_without_label", ["datalist", "IMG", "--labels", "LBL", "--out", "OUT/dl.json"], "c", "has no label", []),
     ("partial_without_pseudo", ["merge-labels", "LBL", "PSEUDO", "OUT"], "c", "has no pseudo label", []),
     ("shape", ["fingerprint", "IMG", "LBL", "OUT/fp.json"], "b", "shape", []),
-    ("shape", ["crop", "IMG", "LBL", "OUT"], "b", "shape", []),
-    ("affine", ["crop", "IMG", "LBL", "OUT"], "b", "affine", []),
+    ("shape", ["crop", "IMG", "LBL", "OUT", "--model", "organ"], "b", "shape", []),
+    ("affine", ["crop", "IMG", "LBL", "OUT", "--model", "organ"], "b", "affine", []),
     ("affine", ["datalist", "IMG", "--labels", "LBL", "--out", "OUT/dl.json"], "b", "affine", []),
-    ("not_3d_4d", ["crop", "IMG", "LBL", "OUT"], "b", "3D", []),
+    ("not_3d_4d", ["crop", "IMG", "LBL", "OUT", "--model", "organ"], "b", "3D", []),
     ("not_3d_2d", ["roi-labels", "LBL", "OUT"], "b", "3D", []),
-    ("unreadable", ["crop", "IMG", "LBL", "OUT"], "b", "not a readable NIfTI", []),
-    ("truncated", ["crop", "IMG", "LBL", "OUT"], "b", "truncated", ["imagesTr/a_0000.nii.gz", "labelsTr/a.nii.gz"]),
+    ("unreadable", ["crop", "IMG", "LBL", "OUT", "--model", "organ"], "b", "not a readable NIfTI", []),
+    (
+        "truncated",
+        ["crop", "IMG", "LBL", "OUT", "--model", "organ"],
+        "b",
+        "truncated",
+        ["imagesTr/a_0000.nii.gz", "labelsTr/a.nii.gz"],
+    ),
     ("truncated", ["fingerprint", "IMG", "LBL", "OUT/fp.json", "--workers", "2"], "b", "truncated", []),
     ("label_values", ["merge-labels", "LBL", "PSEUDO", "OUT"], "b", "0..14", ["a.nii.gz"]),
 ]
@@ -590,7 +739,7 @@ def test_output_folder_not_writable(tmp_path, capsys, cli):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     commands = [
-        ["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(blocker / "out")],
+        ["crop", str(root / "imagesTr"), str(root / "labelsTr"), str(blocker / "out"), "--model", "organ"],
         ["merge-labels", str(root / "labelsTr"), str(root / "pseudo"), str(blocker / "out")],
         ["roi-labels", str(root / "labelsTr"), str(blocker / "out")],
         ["fingerprint", str(root / "imagesTr"), str(root / "labelsTr"), str(blocker / "out" / "fp.json")],
@@ -637,7 +786,7 @@ def test_crop_default_keeps_the_training_context_in_physical_directions(tmp_path
     image = np.arange(np.prod(shape), dtype=np.int16).reshape(shape)
     _write(tmp_path / "in" / "imagesTr" / "c_0000.nii.gz", image, affine)
     _write(tmp_path / "in" / "labelsTr" / "c.nii.gz", label, affine)
-    datatools.crop_cli(str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "out"))
+    datatools.crop_cli(str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "out"), model="tumor")
     got, got_affine = _read(tmp_path / "out" / "imagesTr" / "c_0000.nii.gz")
     feet, head, inplane = (CONTEXT_MARGINS_MM[k][1] for k in ("feet", "head", "inplane"))
     xy = math.ceil(inplane / 2.0)  # 30 mm at 2 mm: 15 voxels, clamped to the volume

@@ -52,7 +52,16 @@ def _listing(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    from flare23 import quickstart as qs
     from flare23.quickstart import quickstart_cli
+
+    trained_on = {}  # bundle -> (dataset_dir, datalist) that the quickstart gave its training
+
+    def recording_train_bundle(bundle_dir, dataset_dir, datalist, *args, **kwargs):
+        trained_on[Path(bundle_dir).name] = (Path(dataset_dir), Path(datalist))
+        return train_bundle(bundle_dir, dataset_dir, datalist, *args, **kwargs)
+
+    train_bundle = qs.train_bundle
 
     work = tmp_path_factory.mktemp("quickstart")
     bundles = work / "bundles"
@@ -67,7 +76,8 @@ def run(tmp_path_factory):
     t0 = time.monotonic()
     try:
         os.chdir(cwd)
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(qs, "train_bundle", recording_train_bundle)
             quickstart_cli(
                 out=str(out),
                 size="tiny",
@@ -90,6 +100,7 @@ def run(tmp_path_factory):
         "before": before,
         "seconds": time.monotonic() - t0,
         "record": json.loads((out / "quickstart.json").read_text()),
+        "trained_on": trained_on,
     }
 
 
@@ -130,22 +141,37 @@ def test_evaluation_scores_the_predictions_against_the_held_out_full_labels(run)
 def test_training_used_the_merged_labels_of_the_data_tools(run):
     data = run["out"] / "data"
     roi = json.loads((data / "roi_datalist.json").read_text())
-    fine = json.loads((data / "fine" / "datalist.json").read_text())
-    assert roi["training"] and roi["validation"] and fine["training"] and fine["validation"]
+    assert roi["training"] and roi["validation"]
     for item in roi["training"] + roi["validation"]:
         assert (data / item["label"]).resolve().parent == (data / "merged_labels").resolve()
-    for item in fine["training"] + fine["validation"]:
-        assert (data / "fine" / item["label"]).resolve().parent == (data / "fine" / "labelsTr").resolve()
+    kept = {"organ": set(), "tumor": set()}  # METHOD.md section 2, computed here: tumor box inside the organ box (or no tumor)
     for path in sorted((data / "merged_labels").glob("*.nii.gz")):
         partial = np.asarray(nib.load(data / "phantoms" / "partial" / path.name).dataobj)
         pseudo = np.asarray(nib.load(data / "phantoms" / "pseudo" / path.name).dataobj)
         merged = np.asarray(nib.load(path).dataobj)
         rule = np.where(partial > 0, partial, np.where(pseudo == C.TUMOR_ID, 0, pseudo))  # METHOD.md section 2
         assert np.array_equal(merged, rule), path.name
-        cropped = np.asarray(nib.load(data / "fine" / "labelsTr" / path.name).dataobj)
-        assert np.array_equal(np.bincount(cropped.ravel(), minlength=15)[1:], np.bincount(merged.ravel(), minlength=15)[1:])
-    fp = json.loads((data / "fingerprint.json").read_text())
-    assert fp["clip_low"] < fp["mean"] < fp["clip_high"] and fp["n_cases"] == 6
+        tumor, organs = np.argwhere(merged == C.TUMOR_ID), np.argwhere(np.isin(merged, C.ORGAN_IDS))
+        inside = tumor.size == 0 or bool(np.all(tumor.min(0) >= organs.min(0)) and np.all(tumor.max(0) <= organs.max(0)))
+        kept["organ"].add(path.name)
+        if inside:
+            kept["tumor"].add(path.name)
+    assert len(kept["organ"]) == 6
+    for model, bundle in (("organ", "organ_seg"), ("tumor", "tumor_seg")):
+        crops = data / f"flare23_{model}"  # each fine model trained on its own folder
+        assert run["trained_on"][bundle] == (crops, crops / "datalist.json")
+        listed = json.loads((crops / "datalist.json").read_text())
+        assert listed["training"] and listed["validation"]
+        items = listed["training"] + listed["validation"]
+        assert {Path(i["label"]).name for i in items} == kept[model] == {p.name for p in (crops / "labelsTr").glob("*.nii.gz")}
+        for item in items:
+            assert (crops / item["label"]).resolve().parent == (crops / "labelsTr").resolve()
+            cropped = np.asarray(nib.load(crops / item["label"]).dataobj)
+            merged = np.asarray(nib.load(data / "merged_labels" / Path(item["label"]).name).dataobj)
+            assert np.array_equal(np.bincount(cropped.ravel(), minlength=15)[1:], np.bincount(merged.ravel(), minlength=15)[1:])
+        fp = json.loads((crops / "fingerprint.json").read_text())
+        assert fp["clip_low"] < fp["mean"] < fp["clip_high"] and fp["n_cases"] == len(kept[model])
+    assert run["trained_on"]["roi_extractor"] == (data, data / "roi_datalist.json")
 
 
 def test_checkpoints_are_weights_only_state_dicts_of_the_trained_networks(run):
