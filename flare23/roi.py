@@ -19,7 +19,8 @@ Axis decision: the bundle reorients the *subsampled* image to RAS (``Orientation
 permutation, never an interpolation), so the network always sees (x, y, z) with z from feet to
 head, the slice axis last (``ROI_PATCH_XYZ``). Subsampling happens before the reorientation, in
 the file's own array order, so its cost is a view and the reorientation touches 1/16/k of the
-voxels. Results go back to the input's array order (:func:`reorient`), and the box is computed
+voxels; it starts where the RAS-oriented volume's first voxel is (:func:`ras_phase`), so the network
+sees the same voxels, and draws the same box, whether the scan is stored RAS, LPS or as a DICOM series. Results go back to the input's array order (:func:`reorient`), and the box is computed
 there with the input's affine: the margins are physical (the affine's S component decides which
 end of which axis is "feet"), correct for RAS, LPS, flipped and permuted axes and oblique
 direction cosines.
@@ -85,6 +86,7 @@ DEFAULT_MARGINS_MM: dict[str, float] = {"feet": ROI_MARGIN_FEET_MM, "head": ROI_
 META_STRIDES = "roi_strides"
 META_FULL_SHAPE = "roi_full_shape"
 META_FULL_AFFINE = "roi_full_affine"
+META_OFFSETS = "roi_offsets"
 
 
 # --- geometry -----------------------------------------------------------------------------------
@@ -119,21 +121,42 @@ def roi_strides(affine, inplane: int = ROI_INPLANE_STRIDE, target_mm: float = RO
     return tuple(slice_stride(spacing[i], target_mm) if i == axis else int(inplane) for i in range(3))
 
 
-def subsampled_shape(full_shape: Sequence[int], strides: Sequence[int]) -> tuple[int, ...]:
-    return tuple(-(-int(n) // int(s)) for n, s in zip(full_shape, strides))
+def _offsets(offsets, n: int) -> tuple[int, ...]:
+    return (0,) * n if offsets is None else tuple(int(o) for o in offsets)
 
 
-def subsample(volume, strides: Sequence[int]):
-    """Every ``strides[i]``-th voxel of the last ``len(strides)`` axes, starting at 0 (a view)."""
+def ras_phase(affine, shape: Sequence[int], strides: Sequence[int]) -> tuple[int, ...]:
+    """First subsampled voxel of each array axis: the voxels of the RAS-oriented volume's every ``s``-th voxel.
+
+    0 on an axis that runs as in RAS, ``(n - 1) % s`` on a flipped one. Subsampling from index 0 in the
+    file's own order picks other voxels for the same scan stored LPS, RAS or as a DICOM series (LAS),
+    so the ROI network saw other voxels and drew another box; with this phase it sees the same ones.
+    """
+    a = _affine(affine)
+    shape = tuple(int(n) for n in shape[-3:])
+    t = np.rint(np.linalg.solve(ras_affine(a, shape), a)[:3, :3])  # input voxel -> RAS voxel
+    return tuple((shape[i] - 1) % int(strides[i]) if t[:, i].sum() < 0 else 0 for i in range(3))
+
+
+def subsampled_shape(full_shape: Sequence[int], strides: Sequence[int], offsets: Sequence[int] | None = None) -> tuple[int, ...]:
+    offsets = _offsets(offsets, len(strides))
+    return tuple(-(-(int(n) - o) // int(s)) for n, s, o in zip(full_shape, strides, offsets))
+
+
+def subsample(volume, strides: Sequence[int], offsets: Sequence[int] | None = None):
+    """Every ``strides[i]``-th voxel of the last ``len(strides)`` axes, from ``offsets[i]`` (default 0; a view)."""
     strides = [int(s) for s in strides]
     if min(strides) < 1:
         raise Flare23Error(f"strides must be positive integers, got {strides}")
-    return volume[(Ellipsis, *(slice(None, None, s) for s in strides))]
+    offsets = _offsets(offsets, len(strides))
+    return volume[(Ellipsis, *(slice(o, None, s) for s, o in zip(strides, offsets)))]
 
 
-def subsampled_affine(affine, strides: Sequence[int]) -> np.ndarray:
-    """Affine of :func:`subsample`'s output: voxel ``j`` is full-resolution voxel ``j * s``."""
-    return _affine(affine) @ np.diag([*(float(s) for s in strides), 1.0])
+def subsampled_affine(affine, strides: Sequence[int], offsets: Sequence[int] | None = None) -> np.ndarray:
+    """Affine of :func:`subsample`'s output: voxel ``j`` is full-resolution voxel ``o + j * s``."""
+    step = np.diag([*(float(s) for s in strides), 1.0])
+    step[:3, 3] = _offsets(offsets, 3)
+    return _affine(affine) @ step
 
 
 def reorient(x: torch.Tensor, affine_from, affine_to) -> torch.Tensor:
@@ -393,12 +416,13 @@ def roi_box(
     full_shape: Sequence[int],
     affine,
     margins_mm: Mapping[str, float] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> RoiBox | None:
     """Full-resolution box of the foreground (> 0) of a subsampled mask, widened by physical margins.
 
     ``mask_sub``: the mask on the subsampled grid (``(*spatial)`` or with leading singleton axes),
-    in the same array order as ``full_shape`` and ``affine`` (the full-resolution image's).
-    Returns ``None`` when there is no foreground.
+    in the same array order as ``full_shape`` and ``affine`` (the full-resolution image's), subsampled
+    from ``offsets`` (:func:`ras_phase`; default 0). Returns ``None`` when there is no foreground.
     """
     m = torch.as_tensor(mask_sub) if not isinstance(mask_sub, np.ndarray) else mask_sub
     while m.ndim > 3 and m.shape[0] == 1:
@@ -407,10 +431,11 @@ def roi_box(
     strides = tuple(int(s) for s in strides)
     if m.ndim != 3 or len(full_shape) != 3 or len(strides) != 3:
         raise Flare23Error(f"roi_box: expected a 3D mask, shape and strides, got {tuple(m.shape)}, {full_shape}, {strides}")
-    if tuple(m.shape) != subsampled_shape(full_shape, strides):
+    offsets = _offsets(offsets, 3)
+    if tuple(m.shape) != subsampled_shape(full_shape, strides, offsets):
         raise Flare23Error(
             f"roi_box: mask shape {tuple(m.shape)} is not the shape {full_shape} subsampled by {strides} "
-            f"({subsampled_shape(full_shape, strides)})"
+            f"({subsampled_shape(full_shape, strides, offsets)})"
         )
     a = _affine(affine)
     start_sub, stop_sub = generate_spatial_bounding_box(m[None], allow_smaller=True)
@@ -420,30 +445,33 @@ def roi_box(
     start, stop = [], []
     for i in range(3):
         s, lo, last = strides[i], int(start_sub[i]), int(stop_sub[i]) - 1
-        first_full = math.floor(lo * s - s / 2 + 0.5)
-        last_full = math.ceil(last * s + s / 2 - 0.5)
+        first_full = math.floor(lo * s + offsets[i] - s / 2 + 0.5)
+        last_full = math.ceil(last * s + offsets[i] + s / 2 - 0.5)
         start.append(max(0, first_full - int(below[i])))
         stop.append(min(full_shape[i], last_full + 1 + int(above[i])))
     return RoiBox(tuple(start), tuple(stop), full_shape)
 
 
-def upsample_mask(mask_sub: torch.Tensor, strides: Sequence[int], full_shape: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour upsampling of the last three axes: full voxel ``i`` takes subsampled voxel ``round(i / s)``.
+def upsample_mask(
+    mask_sub: torch.Tensor, strides: Sequence[int], full_shape: Sequence[int], offsets: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Nearest-neighbour upsampling of the last three axes: full voxel ``i`` takes subsampled voxel ``round((i - o) / s)``.
 
-    (Ties go up; indices past the last subsampled voxel take the last one.) The result has
+    (Ties go up; indices before the first / past the last subsampled voxel take the first / last one.) The result has
     ``full_shape`` on the last three axes; ``mask_sub`` must have ``subsampled_shape(full_shape, strides)``.
     """
     full_shape = tuple(int(n) for n in full_shape)
     strides = tuple(int(s) for s in strides)
-    if tuple(mask_sub.shape[-3:]) != subsampled_shape(full_shape, strides):
+    offsets = _offsets(offsets, 3)
+    if tuple(mask_sub.shape[-3:]) != subsampled_shape(full_shape, strides, offsets):
         raise Flare23Error(f"mask shape {tuple(mask_sub.shape[-3:])} is not {full_shape} subsampled by {strides}")
     out = mask_sub
     lead = mask_sub.ndim - 3
-    for i, (n, s) in enumerate(zip(full_shape, strides)):
-        if s == 1:
+    for i, (n, s, o) in enumerate(zip(full_shape, strides, offsets)):
+        if s == 1 and o == 0:
             continue
-        idx = torch.div(2 * torch.arange(n, device=mask_sub.device) + s, 2 * s, rounding_mode="floor")
-        out = out.index_select(lead + i, idx.clamp_(max=mask_sub.shape[lead + i] - 1))
+        idx = torch.div(2 * (torch.arange(n, device=mask_sub.device) - o) + s, 2 * s, rounding_mode="floor")
+        out = out.index_select(lead + i, idx.clamp_(min=0, max=mask_sub.shape[lead + i] - 1))
     return out
 
 
@@ -468,23 +496,25 @@ def locate(
     Subsample (a view), reorient the small array to RAS, normalise, :func:`roi_predict` (with
     ``mirror_axes`` in RAS order), back to the input's order, :func:`roi_box`. Same steps as the
     bundle's inference.json. Returns the :class:`RoiBox` (or ``None`` when the ROI is empty), and
-    with ``return_mask=True`` also the subsampled mask (input order, uint8) and the strides.
+    with ``return_mask=True`` also the subsampled mask (input order, uint8), the strides and the
+    offsets (:func:`ras_phase`: the same voxels, so the same box, whatever the file's axis order).
     """
     a = _affine(affine)
     img = _tensor(image)
     if img.ndim != 3:
         raise Flare23Error(f"locate: expected a 3D image, got shape {tuple(img.shape)}")
     strides = roi_strides(a, inplane_stride, slice_target_mm)
-    sub = subsample(img, strides)
-    sub_affine = subsampled_affine(a, strides)
+    offsets = ras_phase(a, img.shape, strides)
+    sub = subsample(img, strides, offsets)
+    sub_affine = subsampled_affine(a, strides, offsets)
     target = ras_affine(sub_affine, sub.shape)
     device = torch.device(device) if device is not None else next(network.parameters()).device
     x = reorient(sub, sub_affine, target).to(device, non_blocking=True)
     x = normalise_roi(x, clip)[None, None]
     mask = roi_predict(network, x, max_whole_slices, tile, pad_multiple, -1, autocast, mirror_axes)[0, 0]
     mask = reorient(mask, target, sub_affine).cpu()
-    box = roi_box(mask, strides, img.shape, a, margins_mm)
-    return (box, mask, strides) if return_mask else box
+    box = roi_box(mask, strides, img.shape, a, margins_mm, offsets)
+    return (box, mask, strides, offsets) if return_mask else box
 
 
 # --- MONAI transforms ---------------------------------------------------------------------------
@@ -513,7 +543,7 @@ class RoiSubsample(InvertibleTransform):
         self.inplane, self.target_mm = int(inplane), float(target_mm)
         self.strides = None if strides is None else tuple(int(s) for s in strides)
 
-    def __call__(self, img: torch.Tensor, strides: Sequence[int] | None = None) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor, strides: Sequence[int] | None = None, offsets: Sequence[int] | None = None) -> torch.Tensor:
         if img.ndim != 4:
             raise Flare23Error(f"{_where(img)}: expected a channel-first 3D image, got shape {tuple(img.shape)}")
         if not isinstance(img, MetaTensor):
@@ -521,17 +551,19 @@ class RoiSubsample(InvertibleTransform):
         full_affine = _affine(img.affine)
         strides = tuple(int(s) for s in (strides or self.strides or roi_strides(full_affine, self.inplane, self.target_mm)))
         full_shape = tuple(int(s) for s in img.shape[1:])
+        offsets = tuple(int(o) for o in offsets) if offsets is not None else ras_phase(full_affine, full_shape, strides)
         meta_info = self.track_transform_meta(
             img,
-            sp_size=subsampled_shape(full_shape, strides),
-            affine=np.diag([*(float(s) for s in strides), 1.0]),
-            extra_info={"strides": list(strides)},
+            sp_size=subsampled_shape(full_shape, strides, offsets),
+            affine=subsampled_affine(np.eye(4), strides, offsets),
+            extra_info={"strides": list(strides), "offsets": list(offsets)},
             orig_size=full_shape,
             transform_info=self.get_transform_info(),
         )
-        out = subsample(img, strides)
+        out = subsample(img, strides, offsets)
         out = out.copy_meta_from(meta_info) if isinstance(out, MetaTensor) else out
         out.meta[META_STRIDES] = torch.tensor(strides)
+        out.meta[META_OFFSETS] = torch.tensor(offsets)
         out.meta[META_FULL_SHAPE] = torch.tensor(full_shape)
         out.meta[META_FULL_AFFINE] = torch.as_tensor(full_affine, dtype=torch.float64)
         return out
@@ -539,15 +571,18 @@ class RoiSubsample(InvertibleTransform):
     def inverse(self, data: torch.Tensor) -> torch.Tensor:
         transform = self.pop_transform(data)
         strides = _as_ints(transform[TraceKeys.EXTRA_INFO]["strides"])
+        offsets = _as_ints(transform[TraceKeys.EXTRA_INFO].get("offsets", [0, 0, 0]))
         full_shape = _as_ints(transform[TraceKeys.ORIG_SIZE])
-        out = upsample_mask(data, strides, full_shape)
+        out = upsample_mask(data, strides, full_shape, offsets)
         if isinstance(data, MetaTensor):
             out = MetaTensor(
                 out.as_tensor() if isinstance(out, MetaTensor) else out,
                 meta=dict(data.meta),
                 applied_operations=data.applied_operations,
             )
-            out.affine = torch.as_tensor(_affine(data.affine) @ np.diag([*(1.0 / s for s in strides), 1.0]), dtype=torch.float64)
+            out.affine = torch.as_tensor(
+                _affine(data.affine) @ np.linalg.inv(subsampled_affine(np.eye(4), strides, offsets)), dtype=torch.float64
+            )
         return out
 
 
@@ -566,15 +601,15 @@ class RoiSubsampled(MapTransform, InvertibleTransform):
         if ref not in d:
             raise Flare23Error(f"RoiSubsampled: reference key {ref!r} missing from the data")
         ref_img = d[ref]
-        strides = roi_strides(
-            ref_img.affine if isinstance(ref_img, MetaTensor) else np.eye(4), self.subsampler.inplane, self.subsampler.target_mm
-        )
+        ref_affine = ref_img.affine if isinstance(ref_img, MetaTensor) else np.eye(4)
+        strides = roi_strides(ref_affine, self.subsampler.inplane, self.subsampler.target_mm)
+        offsets = ras_phase(ref_affine, ref_img.shape[1:], strides)
         for key in self.key_iterator(d):
             if tuple(d[key].shape[1:]) != tuple(ref_img.shape[1:]):
                 raise Flare23Error(
                     f"{_where(d[key])}: shape {tuple(d[key].shape[1:])} differs from {tuple(ref_img.shape[1:])} of {_where(ref_img)}"
                 )
-            d[key] = self.subsampler(d[key], strides)
+            d[key] = self.subsampler(d[key], strides, offsets)
         return d
 
     def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
@@ -640,16 +675,17 @@ def _roi_meta(d: Mapping, key: Hashable, ref_key: Hashable | None) -> tuple[dict
     raise Flare23Error(f"{_where(d.get(key))}: no ROI subsampling meta data (was RoiSubsampled in the preprocessing?)")
 
 
-def to_input_grid(mask: torch.Tensor, meta: Mapping, current_affine) -> tuple[torch.Tensor, tuple, tuple, np.ndarray]:
+def to_input_grid(mask: torch.Tensor, meta: Mapping, current_affine) -> tuple[torch.Tensor, tuple, tuple, np.ndarray, tuple]:
     """A subsampled mask ``(C, ...)`` in any flipped / permuted order -> the input's array order (still subsampled).
 
-    Returns the mask, the strides, the full shape and the full-resolution input affine.
+    Returns the mask, the strides, the full shape, the full-resolution input affine and the offsets.
     """
     strides, full_shape = _as_ints(meta[META_STRIDES]), _as_ints(meta[META_FULL_SHAPE])
+    offsets = _as_ints(meta[META_OFFSETS]) if META_OFFSETS in meta else (0, 0, 0)
     full_affine = _affine(meta[META_FULL_AFFINE])
     t = mask.as_tensor() if isinstance(mask, MetaTensor) else _tensor(mask)
-    t = reorient(t, current_affine, subsampled_affine(full_affine, strides))
-    return t, strides, full_shape, full_affine
+    t = reorient(t, current_affine, subsampled_affine(full_affine, strides, offsets))
+    return t, strides, full_shape, full_affine, offsets
 
 
 class RoiBoxd(MapTransform):
@@ -672,8 +708,8 @@ class RoiBoxd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             meta, current = _roi_meta(d, key, self.ref_key)
-            mask, strides, full_shape, full_affine = to_input_grid(d[key], meta, current)
-            box = roi_box(mask, strides, full_shape, full_affine, self.margins_mm)
+            mask, strides, full_shape, full_affine, offsets = to_input_grid(d[key], meta, current)
+            box = roi_box(mask, strides, full_shape, full_affine, self.margins_mm, offsets)
             name = _where(d[self.ref_key] if self.ref_key in d else d[key])
             if box is None:
                 warnings.warn(f"{name}: the ROI extractor found no abdomen (empty box)", stacklevel=2)
@@ -703,9 +739,9 @@ class RoiRestored(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             meta, current = _roi_meta(d, key, self.ref_key)
-            mask, strides, full_shape, full_affine = to_input_grid(d[key], meta, current)
-            full = upsample_mask(mask.to(torch.uint8), strides, full_shape)
-            out_meta = {k: v for k, v in meta.items() if k not in (META_STRIDES, META_FULL_SHAPE, META_FULL_AFFINE)}
+            mask, strides, full_shape, full_affine, offsets = to_input_grid(d[key], meta, current)
+            full = upsample_mask(mask.to(torch.uint8), strides, full_shape, offsets)
+            out_meta = {k: v for k, v in meta.items() if k not in (META_STRIDES, META_FULL_SHAPE, META_FULL_AFFINE, META_OFFSETS)}
             out = MetaTensor(full, meta=out_meta)
             out.affine = torch.as_tensor(full_affine, dtype=torch.float64)
             d[key] = out

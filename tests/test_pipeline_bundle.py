@@ -164,3 +164,38 @@ def test_sub_bundle_overrides_take_expressions_in_the_nested_spelling_and_merge_
     other = SubBundle(ROOT / "bundles" / "tumor_seg", "inference.json",
                       {"network_def": {"_target_": "torch.nn.Identity"}})  # fmt: skip
     assert other.parser["network_def"] == {"_target_": "torch.nn.Identity"}
+
+
+def test_the_same_scan_as_dicom_and_as_nifti_in_any_axis_order_gives_identical_labels(real_dicom_dir, tmp_path):
+    """A DICOM series (read LAS), the same voxels written as NIfTI, and reoriented NIfTI copies: the same labels.
+
+    Random (seeded) networks are enough: the labels are a function of the voxels each stage sees, and
+    those must be the same voxels whatever the file's axis order (the ROI subsampling phase, the box,
+    the crop's RAS grid, the model grids from spacings rounded to 1e-5 mm, the way back).
+    """
+    from flare23.readers import list_cases, read_case
+
+    [case] = list_cases(real_dicom_dir / "dicom")
+    array, affine, _ = read_case(case)
+    base = nib.Nifti1Image(array, affine)
+    inputs = tmp_path / "nifti"
+    inputs.mkdir()
+    copies = {"las": base, "ras": nib.as_closest_canonical(base),
+              "psl": base.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("PSL")))}  # fmt: skip
+    for name, img in copies.items():
+        nib.save(img, str(inputs / f"{name}.nii.gz"))  # float32 pixdim in the header, float64 in the DICOM reader
+    assert nib.aff2axcodes(copies["psl"].affine) == ("P", "S", "L")
+    runs = {"dicom": (real_dicom_dir / "dicom", tmp_path / "dicom.nii.gz"), "nifti": (inputs, tmp_path / "out")}
+    for src, dst in runs.values():
+        r = subprocess.run([sys.executable, "-m", "flare23", "segment", "-i", str(src), "-o", str(dst), *_tiny_args()],
+                           capture_output=True, text=True, env=_env(), timeout=900)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    ref = nib.load(str(tmp_path / "dicom.nii.gz"))
+    ref_labels = np.asarray(ref.dataobj)
+    assert np.allclose(ref.affine, affine, atol=1e-4) and len(np.unique(ref_labels)) > 1
+    for name, img in copies.items():
+        out = nib.load(str(tmp_path / "out" / f"{name}.nii.gz"))
+        assert np.allclose(out.affine, img.affine, atol=1e-4)
+        back = out.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(out.affine), nib.io_orientation(affine)))
+        assert np.allclose(back.affine, affine, atol=1e-4)
+        assert np.array_equal(np.asarray(back.dataobj), ref_labels), (name, float((np.asarray(back.dataobj) != ref_labels).mean()))

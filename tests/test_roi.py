@@ -445,14 +445,21 @@ def test_subsample_transform_meta_and_inverse(axcodes):
     assert roi._as_ints(x.meta[roi.META_STRIDES]) == strides
     assert roi._as_ints(x.meta[roi.META_FULL_SHAPE]) == arr.shape
     # the subsampled RAS affine maps every voxel to where the full-resolution voxel is
-    sub_in = roi.subsample(arr, strides)
-    ras, ras_aff = reoriented(sub_in, aff @ np.diag([*strides, 1]), "RAS")
+    offsets = roi.ras_phase(aff, arr.shape, strides)
+    assert roi._as_ints(x.meta[roi.META_OFFSETS]) == offsets
+    sub_in = roi.subsample(arr, strides, offsets)
+    ras, ras_aff = reoriented(sub_in, roi.subsampled_affine(aff, strides, offsets), "RAS")
     np.testing.assert_allclose(x.affine.numpy(), ras_aff, atol=1e-6)
+    # the same voxels as every s-th voxel of the RAS-oriented volume from its first one, whatever the file's order
+    full_ras, full_ras_aff = reoriented(arr, aff, "RAS")
+    np.testing.assert_array_equal(np.asarray(ras), np.asarray(roi.subsample(full_ras, roi.roi_strides(full_ras_aff))))
+    if axcodes == "LPS":
+        assert offsets[:2] == tuple((n - 1) % s for n, s in zip(arr.shape[:2], strides[:2])) and offsets[:2] != (0, 0)
     np.testing.assert_allclose(x[0].numpy(), roi.normalise_roi(ras).numpy(), atol=1e-5)
     # a pointwise prediction on the RAS grid, mapped back, equals the same prediction made on the input grid
     pred = MetaTensor((x > 0.5).to(torch.uint8), meta=x.meta, applied_operations=x.applied_operations)
     expected_sub = (roi.normalise_roi(sub_in) > 0.5).to(torch.uint8)
-    expected = roi.upsample_mask(expected_sub, strides, arr.shape)
+    expected = roi.upsample_mask(expected_sub, strides, arr.shape, offsets)
     restored = roi.RoiRestored(keys="pred")({"image": x, "pred": pred})["pred"]
     assert restored.shape == (1, *arr.shape) and restored.dtype == torch.uint8
     assert torch.equal(restored[0], expected)
@@ -506,13 +513,13 @@ def test_locate_equals_the_steps_done_by_hand(axcodes):
     arr, aff = _image(shape=(64, 60, 50), axcodes=axcodes, seed=2)
     net = ThresholdNet(0.8)
     margins = {"feet": 10, "head": 5, "inplane": 2}
-    box, mask, strides = roi.locate(net, torch.from_numpy(arr), aff, return_mask=True, margins_mm=margins)
+    box, mask, strides, offsets = roi.locate(net, torch.from_numpy(arr), aff, return_mask=True, margins_mm=margins)
     assert strides == roi.roi_strides(aff)
-    expected_mask = (roi.normalise_roi(roi.subsample(arr, strides)) > 0.8).to(torch.uint8)
+    expected_mask = (roi.normalise_roi(roi.subsample(arr, strides, offsets)) > 0.8).to(torch.uint8)
     assert torch.equal(mask, expected_mask)
-    assert box == roi.roi_box(expected_mask, strides, arr.shape, aff, margins)
+    assert box == roi.roi_box(expected_mask, strides, arr.shape, aff, margins, offsets)
     # the network saw an RAS-ordered array (slices last)
-    ras_shape = reoriented(roi.subsample(arr, strides), aff @ np.diag([*strides, 1]), "RAS")[0].shape
+    ras_shape = reoriented(roi.subsample(arr, strides, offsets), roi.subsampled_affine(aff, strides, offsets), "RAS")[0].shape
     assert net.shapes[0][2:] == tuple(-(-n // 16) * 16 for n in ras_shape)
     assert roi.locate(ThresholdNet(1e6), arr, aff) is None
 
@@ -547,3 +554,36 @@ def test_reorient_refuses_grids_that_are_not_flips_of_each_other():
         assert torch.equal(roi.reorient(y, b, a), x)
         t = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("PIL"))
         np.testing.assert_array_equal(y.numpy(), apply_orientation(x.numpy(), t))
+
+
+def test_locate_draws_the_same_box_for_a_real_scan_in_any_axis_order(real_dicom_dir):
+    """The DICOM series (LAS), and the same voxels reoriented RAS and PSL: the same box, in world millimetres.
+
+    Subsampling from index 0 in each file's own order picks other voxels (the box then moves by up to a
+    stride, and the crops and labels differ); :func:`roi.ras_phase` picks the same ones.
+    """
+    from flare23.readers import list_cases, read_case
+
+    [case] = list_cases(real_dicom_dir / "dicom")
+    array, affine, _ = read_case(case)
+    base = nib.Nifti1Image(array, affine)
+    copies = [base, nib.as_closest_canonical(base)]
+    copies.append(base.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("PSL"))))
+    margins = {"feet": 0, "head": 0, "inplane": 0}
+    boxes, naive = [], []
+    for img in copies:
+        arr, aff = torch.from_numpy(np.ascontiguousarray(np.asarray(img.dataobj))), img.affine
+        box = roi.locate(ThresholdNet(1.5), arr, aff, margins_mm=margins)
+        info = box.to_json(aff)
+        boxes.append((info["min_mm"], info["max_mm"]))
+        # the same steps with the subsampling starting at index 0 of the file's order
+        strides = roi.roi_strides(aff)
+        sub = roi.subsample(arr, strides)
+        sub_ras = roi.reorient(sub, roi.subsampled_affine(aff, strides), roi.ras_affine(roi.subsampled_affine(aff, strides), sub.shape))
+        mask = roi.reorient((roi.normalise_roi(sub_ras) > 1.5).to(torch.uint8), roi.ras_affine(roi.subsampled_affine(aff, strides), sub.shape), roi.subsampled_affine(aff, strides))
+        old = roi.roi_box(mask, strides, arr.shape, aff, margins).to_json(aff)
+        naive.append((old["min_mm"], old["max_mm"]))
+    assert boxes[0][0] != boxes[0][1]
+    for other in boxes[1:]:
+        assert np.allclose(other, boxes[0], atol=1e-3), (other, boxes[0])
+    assert any(not np.allclose(n, naive[0], atol=1e-3) for n in naive[1:])  # the phase is what makes them agree

@@ -194,8 +194,8 @@ def test_inference_writes_masks_and_boxes_in_the_input_geometry(trained, tmp_pat
         assert mask_img.shape == arr.shape and mask_img.get_data_dtype() == np.uint8
         np.testing.assert_allclose(mask_img.affine, affine, atol=1e-4)
         # the bundle's default mirrored pass (RAS axes) is locate's mirror_axes
-        box, mask_sub, strides = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
-        expected = roi.upsample_mask(mask_sub, strides, arr.shape).numpy()
+        box, mask_sub, strides, offsets = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
+        expected = roi.upsample_mask(mask_sub, strides, arr.shape, offsets).numpy()
         np.testing.assert_array_equal(np.asarray(mask_img.dataobj), expected)
         info = json.loads((out / f"{case_name(image)}_roi_box.json").read_text())
         assert info["source"] == str(image)
@@ -236,8 +236,8 @@ def test_evaluate_reports_dice_and_box_coverage(trained, tmp_path):
     for item in datalist:
         arr, affine, _ = load_nifti(trained["data"] / item["image"])
         label, _, _ = load_nifti(trained["data"] / item["label"])
-        box, mask_sub, strides = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
-        ref = roi.roi_labels(roi.subsample(label, strides)).bool()
+        box, mask_sub, strides, offsets = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
+        ref = roi.roi_labels(roi.subsample(label, strides, offsets)).bool()
         pred = mask_sub.bool()
         g, p = int(ref.sum()), int(pred.sum())
         dices.append(1.0 if g == p == 0 else 2 * int((ref & pred).sum()) / (g + p))
