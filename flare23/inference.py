@@ -298,12 +298,17 @@ class CascadeInferer(Inferer):
     # one branch: preprocessing ----------------------------------------------------------------
     @staticmethod
     def _prepare(branch: Branch, crop_ras: torch.Tensor, spacing_ras, device) -> tuple[torch.Tensor, tuple]:
+        """The branch's network input: the crop on the model grid (:mod:`flare23.spacing`'s convention, the one
+        training and the bundle's own ``inference.json`` use), CT-normalised (:class:`flare23.transforms.CTNormalize`)."""
+        from flare23.spacing import target_shape
+        from flare23.transforms import CTNormalize
+
         x = crop_ras.to(device=device, dtype=torch.float32, non_blocking=True)
         shape = tuple(int(s) for s in x.shape)
-        target = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing_ras, branch.target_spacing))
+        target = target_shape(shape, spacing_ras, branch.target_spacing)
         if target != shape:
             x = resample_image(x, target)
-        x = x.clamp_(branch.clip_low, branch.clip_high).sub_(branch.mean).div_(max(branch.std, 1e-8))
+        x = CTNormalize(branch.clip_low, branch.clip_high, branch.mean, branch.std)(x)
         return x[None, None], shape
 
     def _labels(

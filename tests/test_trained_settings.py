@@ -248,8 +248,8 @@ def test_the_fine_bundles_own_inference_config_builds_the_trained_network_and_pr
     assert p.get_parsed_content("target_spacing") == [6.0, 6.0, 8.0]
     assert p.get_parsed_content("patch_size") == [64, 64, 8]
     assert p.get_parsed_content("normalization") == stored["values"]["normalization"]
-    spacing = next(t for t in p.get_parsed_content("preprocessing").transforms if type(t).__name__ == "Spacingd")
-    assert np.allclose(spacing.spacing_transform.pixdim, [6.0, 6.0, 8.0])
+    spacing = next(t for t in p.get_parsed_content("preprocessing").transforms if type(t).__name__ == "ResampleToSpacingd")
+    assert np.allclose(spacing.resamplers["image"].pixdim, [6.0, 6.0, 8.0])
     assert list(p.get_parsed_content("inferer").roi_size) == [64, 64, 8]
     wf.run()
     out = labels(tmp_path / "out" / "case.nii.gz")
