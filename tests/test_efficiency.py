@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from flare23.efficiency import EfficiencyLog, EfficiencyMonitor, process_rss_mb
 from flare23.errors import Flare23Error
@@ -112,7 +113,6 @@ def test_efficiency_log_rows_and_atomic_rewrite(tmp_path):
 
 
 def test_cuda_monitor():
-    torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     dev = torch.device("cuda")

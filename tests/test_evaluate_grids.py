@@ -12,6 +12,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import surface_distance as sd
 from scipy import ndimage
 
 from flare23.constants import FOREGROUND_IDS, NSD_TOLERANCE_MM
@@ -80,7 +81,6 @@ def real_case(request, tmp_path_factory):
 
 def test_reference_grid_scores_are_right(real_case):
     """(a), the prediction on the reference grid, against numpy DSC and surface-distance NSD."""
-    sd = pytest.importorskip("surface_distance")
     ref, pred = real_case["ref"], real_case["pred"]
     got = read_rows(real_case["root"] / "out_a" / "per_case.csv")["ts"]
     spacing = nib.load(str(real_case["root"] / "ref" / "ts.nii.gz")).header.get_zooms()[:3]

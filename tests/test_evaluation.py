@@ -10,13 +10,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import surface_distance as sd
 from scipy import ndimage
 
 from flare23.constants import FOREGROUND_IDS, NSD_TOLERANCE_MM, ORGAN_IDS, SLAB_RESTRICTED_IDS
 from flare23.errors import Flare23Error
 from flare23.evaluation import evaluate_folders
 
-sd = pytest.importorskip("surface_distance")
 pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # surface-distance's scipy aliases
 
 # the column contract of the issue, written out independently of flare23.constants

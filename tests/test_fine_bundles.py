@@ -19,6 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jsonschema
 import nibabel as nib
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ import torch
 
 from flare23 import constants as C
 from flare23.errors import Flare23Error
+from flare23.phantoms import generate_phantoms
 from flare23.training import latest_checkpoint
 
 torch.set_num_threads(1)
@@ -76,10 +78,6 @@ def workflow(bundle: str, files: list[str], workflow_type: str, **overrides):
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
-    try:
-        from flare23.phantoms import generate_phantoms
-    except ImportError:  # pragma: no cover - the generator is part of the package
-        pytest.skip("flare23.phantoms is not available")
     out = tmp_path_factory.mktemp("fine_phantoms")
     generate_phantoms(out, cases=6, seed=0, size="tiny", tumor_fraction=0.7)
     return out
@@ -469,7 +467,6 @@ def test_network_from_config_deep_supervision_and_loss():
 
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_metadata_validates_and_matches_constants(bundle):
-    jsonschema = pytest.importorskip("jsonschema")
     meta = json.loads((configs(bundle) / "metadata.json").read_text())
     for schema_file in ("meta_schema_20240725.json",):
         schema_path = SCHEMAS / schema_file

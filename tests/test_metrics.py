@@ -11,14 +11,14 @@ import warnings
 
 import numpy as np
 import pytest
+import surface_distance as sd
+import torch
 from scipy import ndimage
+from surface_distance import lookup_tables as sd_tables
 
 from flare23.constants import FOREGROUND_IDS, LABEL_KEYS, NSD_TOLERANCE_MM, ORGAN_IDS, SLAB_RESTRICTED_IDS, TUMOR_ID
 from flare23.errors import Flare23Error
 from flare23.metrics import aggregate, dice, evaluate_case, normalized_surface_dice, surface_distances, surfel_area_table
-
-sd = pytest.importorskip("surface_distance")
-from surface_distance import lookup_tables as sd_tables  # noqa: E402
 
 # surface-distance 0.1 imports scipy.ndimage.filters / .morphology, deprecated aliases that still work
 pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")
@@ -294,7 +294,6 @@ def test_aggregate_challenge_means():
 
 
 # --- ignite metrics --------------------------------------------------------------------------------
-torch = pytest.importorskip("torch")
 
 
 def _engine_run(metrics: dict, batches: list) -> dict:
