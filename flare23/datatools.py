@@ -3,7 +3,7 @@
 Each tool is a ``flare23`` subcommand (``merge-labels``, ``roi-labels``, ``crop``, ``fingerprint``,
 ``datalist``) over FLARE / nnU-Net style folders (images ``<case>_0000.nii.gz``, labels
 ``<case>.nii.gz``), with a pure function on arrays beside it (:func:`merge_labels`,
-:func:`roi_labels`, :func:`bbox_with_margin`, :func:`intensity_fingerprint`, :func:`split_cases`).
+:func:`flare23.roi.roi_labels`, :func:`bbox_with_margin`, :func:`intensity_fingerprint`, :func:`split_cases`).
 The rules are those of ``METHOD.md`` section 2.
 
 Bad input and partial results. Every command checks, before it creates or writes anything, that
@@ -31,20 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
+from flare23.boxes import mask_box, spacing_margin_voxels
 from flare23.constants import CONTEXT_MARGINS_MM, IMAGE_SUFFIX, LABELS, ORGAN_IDS, TUMOR_ID
 from flare23.errors import Flare23Error
 from flare23.io import (
     atomic_path,
     atomic_write_json,
-    case_name,
     check_affine,
     check_pair,
     ensure_output_dir,
-    list_nifti,
+    index_cases,
     load_image,
     load_nifti,
     save_nifti,
-    strip_nifti_suffix,
     voxel_spacing,
 )
 
@@ -81,55 +80,22 @@ def merge_labels(partial: np.ndarray, pseudo: np.ndarray, return_counts: bool = 
     return merged, counts
 
 
-def roi_labels(label: np.ndarray) -> np.ndarray:
-    """ROI label: every organ id of :data:`flare23.constants.ORGAN_IDS` -> 1, tumor and background -> 0."""
-    return np.isin(np.asarray(label), ORGAN_IDS).astype(np.uint8)
-
-
-def margin_voxels(spacing: Sequence[float], margin_mm: float | Sequence[float]) -> tuple[int, ...]:
-    """Margin in voxels per axis: ``ceil(margin_mm / spacing)`` (at least the requested millimetres)."""
-    spacing = np.asarray(spacing, dtype=float)
-    margin = np.broadcast_to(np.asarray(margin_mm, dtype=float), spacing.shape)
-    if np.any(margin < 0) or not np.all(np.isfinite(margin)):
-        raise Flare23Error(f"margin_mm must be finite and >= 0, got {margin_mm}")
-    # the small tolerance keeps 9 mm at 3 mm spacing at 3 voxels despite rounding in the affine
-    return tuple(int(v) for v in np.ceil(margin / spacing - 1e-6).clip(min=0))
-
-
 def bbox_with_margin(
     mask: np.ndarray, spacing: Sequence[float], margin_mm: float | Sequence[float] = 0.0
 ) -> tuple[slice, ...] | None:
     """Bounding box of ``mask`` (nonzero voxels) widened by ``margin_mm`` and clamped to the array.
 
     The margin is converted per axis with the voxel ``spacing`` (mm, one value per array axis) by
-    :func:`margin_voxels`. Returns one ``slice`` per axis, or ``None`` for an empty mask.
+    :func:`flare23.boxes.spacing_margin_voxels`. Returns one ``slice`` per axis, or ``None`` for an empty mask.
     """
     mask = np.asarray(mask)
     box = mask_box(mask)
     if box is None:
         return None
-    pad = margin_voxels(spacing, margin_mm)
+    pad = spacing_margin_voxels(spacing, margin_mm)
     if len(pad) != mask.ndim:
         raise ValueError(f"spacing has {len(pad)} values for a {mask.ndim}D mask")
     return tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, m, n in zip(box, pad, mask.shape))
-
-
-def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tight bounding box of the nonzero voxels of ``mask`` (one slice per axis), ``None`` if there are none.
-
-    From one ``any`` projection per axis: about 1 ms for a 120 x 120 x 80 mask, where ``np.argwhere`` takes
-    24 ms and ``scipy.ndimage.find_objects`` 9 ms (the training context crop computes it for every patch).
-    """
-    mask = np.asarray(mask)
-    if mask.dtype != bool:
-        mask = mask != 0
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def box_inside(inner: Sequence[slice], outer: Sequence[slice]) -> bool:
@@ -240,27 +206,10 @@ def split_cases(cases: Sequence[str], validation_fraction: float = 0.2, seed: in
 
 
 # --- case discovery and validation ---------------------------------------------------------------
-def _index_folder(folder, images: bool) -> dict[str, Path]:
-    """``{case: path}`` of the NIfTI files in ``folder``; image files must be named ``<case>_0000``."""
-    files = list_nifti(folder)
-    found: dict[str, Path] = {}
-    for path in files:
-        stem = strip_nifti_suffix(path.name)
-        if images and not stem.endswith(IMAGE_SUFFIX):
-            raise Flare23Error(f"case {stem}: image {path} is not named <case>{IMAGE_SUFFIX}.nii.gz")
-        case = case_name(path) if images else stem
-        if case in found:
-            raise Flare23Error(f"case {case}: two files in {folder} ({found[case].name}, {path.name})")
-        found[case] = path
-    if not found:
-        raise Flare23Error(f"{folder}: no NIfTI files")
-    return found
-
-
 def _pair_folders(first, second, first_is_images: bool, first_kind: str, second_kind: str, allow_extra_second: bool = False):
     """Sorted ``[(case, first_path, second_path)]``; a case missing on either side is an error."""
-    a = _index_folder(first, images=first_is_images)
-    b = _index_folder(second, images=False)
+    a = index_cases(first, images=first_is_images)
+    b = index_cases(second)
     for case, path in a.items():
         if case not in b:
             raise Flare23Error(f"case {case}: {first_kind} {path} has no {second_kind} {case}.nii.gz in {second}")
@@ -457,8 +406,10 @@ def merge_labels_cli(partial: str, pseudo: str, out: str, workers: int = 1) -> N
 
 # --- roi-labels ----------------------------------------------------------------------------------
 def _roi_case(case: str, label_path: Path, out_path: Path) -> int:
+    from flare23.roi import roi_labels  # lazy: flare23.roi imports torch
+
     label, affine, header = _load_label(label_path)
-    roi = roi_labels(label)
+    roi = roi_labels(label, str(label_path)).numpy()
     _save_all([(roi, affine, header, out_path, np.uint8)])
     return int(np.count_nonzero(roi))
 
@@ -471,7 +422,7 @@ def roi_labels_cli(labels: str, out: str, workers: int = 1) -> None:
         out: output folder for ``<case>.nii.gz`` (uint8; must differ from ``labels``).
         workers: parallel processes.
     """
-    files = _index_folder(labels, images=False)
+    files = index_cases(labels)
     for case, path in files.items():
         try:
             _header_geometry(path)
@@ -512,10 +463,10 @@ def bbox_with_physical_margins(
     """Bounding box of ``mask`` widened by margins towards the ``feet``, the ``head`` and ``inplane`` (mm).
 
     The directions are physical and converted with ``affine`` exactly as the ROI box's margins
-    (:func:`flare23.roi.margin_voxels`); clamped to the array. ``None`` for an empty mask.
+    (:func:`flare23.roi.physical_margin_voxels`); clamped to the array. ``None`` for an empty mask.
     ``margins_above_mm``: other margins for the sides at the higher array indices (default: the same).
     """
-    from flare23.roi import margin_voxels as physical_margin_voxels  # lazy: flare23.roi imports torch
+    from flare23.roi import physical_margin_voxels  # lazy: flare23.roi imports torch
 
     box = mask_box(mask)
     if box is None:
@@ -608,7 +559,7 @@ def crop_cli(
     if margin_mm is None:
         margin_mm = {k: float(hi) for k, (_lo, hi) in CONTEXT_MARGINS_MM.items()}
     else:
-        margin_voxels((1.0, 1.0, 1.0), margin_mm)  # validates the option before any work
+        spacing_margin_voxels((1.0, 1.0, 1.0), margin_mm)  # validates the option before any work
     _check_headers(pairs)
     out = _check_output_dir(out, [images, labels], must_be_empty=True)
     image_dir = _check_output_dir(out / "imagesTr", [images, labels])
@@ -704,7 +655,7 @@ def make_datalist(
     """
     base_dir = Path(base_dir) if base_dir is not None else Path(images).absolute().parent
     if labels is None:
-        files = _index_folder(images, images=True)
+        files = index_cases(images, images=True)
         if check:
             for case, path in files.items():
                 try:
@@ -752,7 +703,6 @@ def datalist_cli(
 __all__ = [
     "bbox_with_margin",
     "bbox_with_physical_margins",
-    "mask_box",
     "box_inside",
     "case_rng",
     "CROP_SELECTION",
@@ -762,10 +712,8 @@ __all__ = [
     "fingerprint_stats",
     "intensity_fingerprint",
     "make_datalist",
-    "margin_voxels",
     "merge_labels",
     "merge_labels_cli",
-    "roi_labels",
     "roi_labels_cli",
     "sample_foreground",
     "split_cases",

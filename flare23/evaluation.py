@@ -1,7 +1,8 @@
 """``flare23 evaluate PRED_DIR REF_DIR --out OUT_DIR``: FLARE 2023 scores of a folder of predictions.
 
-Every reference NIfTI file in ``REF_DIR`` is a case (its name without ``.nii.gz`` / ``.nii``, and
-without a trailing ``_0000``). Its prediction is the file of ``PRED_DIR`` with the same case name.
+Every reference NIfTI file in ``REF_DIR`` is a case (its name without ``.nii.gz`` / ``.nii``; a
+trailing ``_0000`` is kept: label names carry no channel suffix, :func:`flare23.io.index_cases`). Its
+prediction is the file of ``PRED_DIR`` with the same case name.
 Each case is scored by :func:`flare23.metrics.evaluate_case` on the reference grid, with the voxel
 size from the reference header (``header.get_zooms()``, as the organisers' script does); a
 reference without a prediction is scored as an empty prediction and listed under ``missing``
@@ -42,7 +43,7 @@ import numpy as np
 from flare23.constants import FOREGROUND_IDS, LABEL_KEYS, NSD_DSC_CUTOFF
 from flare23.errors import Flare23Error
 from flare23.grids import RESAMPLE_MODES, to_reference_grid
-from flare23.io import atomic_write_json, atomic_write_text, case_name, ensure_output_dir, list_nifti, load_nifti
+from flare23.io import atomic_write_json, atomic_write_text, case_name, ensure_output_dir, index_cases, load_nifti
 from flare23.metrics import aggregate, evaluate_case
 
 logger = logging.getLogger(__name__)
@@ -57,16 +58,6 @@ def csv_columns(labels=FOREGROUND_IDS) -> list[str]:
     for c in labels:
         columns += [f"{LABEL_KEYS[c]}_dsc", f"{LABEL_KEYS[c]}_nsd"]
     return columns
-
-
-def _index_folder(folder: Path, what: str) -> dict[str, Path]:
-    cases: dict[str, Path] = {}
-    for path in list_nifti(folder):
-        name = case_name(path, image=False)
-        if name in cases:
-            raise Flare23Error(f"{folder}: two {what} files for case {name} ({cases[name].name}, {path.name})")
-        cases[name] = path
-    return cases
 
 
 def load_label_map(path: str | os.PathLike, what: str = "label map"):
@@ -164,10 +155,8 @@ def evaluate_folders(
     if not isinstance(skip_missing, bool):
         raise Flare23Error(f"skip_missing {skip_missing!r} must be True or False")
     labels = tuple(int(c) for c in labels)
-    refs = _index_folder(ref_dir, "reference")
-    if not refs:
-        raise Flare23Error(f"{ref_dir}: no NIfTI reference files")
-    preds = _index_folder(pred_dir, "prediction")
+    refs = index_cases(ref_dir, what="reference")
+    preds = index_cases(pred_dir, what="prediction", allow_empty=True)
     out_dir = ensure_output_dir(out_dir)
     missing = sorted(c for c in refs if c not in preds)
     unmatched = sorted(c for c in preds if c not in refs)

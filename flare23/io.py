@@ -63,6 +63,29 @@ def list_nifti(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p.name) and not p.name.startswith("."))
 
 
+def index_cases(folder: str | os.PathLike, images: bool = False, what: str = "", allow_empty: bool = False) -> dict[str, Path]:
+    """``{case: path}`` of the NIfTI files directly inside ``folder`` (:func:`list_nifti`).
+
+    ``images=True``: every file must be an image ``<case>_0000`` and the case drops that suffix
+    (:func:`case_name`); else the case is the whole name without ``.nii.gz`` / ``.nii`` (labels,
+    predictions). Two files of one case (``a.nii`` and ``a.nii.gz``) are an error naming both; so
+    is an empty folder unless ``allow_empty``. ``what`` (e.g. ``"reference"``) names the files in the errors.
+    """
+    kind = f"{what} " if what else ""
+    found: dict[str, Path] = {}
+    for path in list_nifti(folder):
+        stem = strip_nifti_suffix(path.name)
+        if images and not stem.endswith(IMAGE_SUFFIX):
+            raise Flare23Error(f"case {stem}: image {path} is not named <case>{IMAGE_SUFFIX}.nii.gz")
+        case = case_name(path, image=images)
+        if case in found:
+            raise Flare23Error(f"case {case}: two {kind}files in {folder} ({found[case].name}, {path.name})")
+        found[case] = path
+    if not found and not allow_empty:
+        raise Flare23Error(f"{folder}: no NIfTI {kind}files")
+    return found
+
+
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along each array axis (column norms of the affine's 3 x 3 part)."""
     return np.sqrt((np.asarray(affine, dtype=float)[:3, :3] ** 2).sum(axis=0))

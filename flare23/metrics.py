@@ -52,6 +52,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from flare23.boxes import mask_box
 from flare23.constants import (
     FOREGROUND_IDS,
     LABEL_KEYS,
@@ -61,7 +62,6 @@ from flare23.constants import (
     SLAB_RESTRICTED_IDS,
     TUMOR_ID,
 )
-from flare23.datatools import mask_box
 from flare23.errors import Flare23Error
 
 __all__ = [

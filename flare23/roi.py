@@ -60,9 +60,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import InvertibleTransform, MapTransform, NormalizeIntensity, Transform
-from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import TraceKeys
 
+from flare23.boxes import mask_box, whole_voxels
 from flare23.constants import (
     ORGAN_IDS,
     ROI_CLIP,
@@ -190,6 +190,14 @@ def ras_affine(affine, shape: Sequence[int]) -> np.ndarray:
 
 
 # --- intensities and labels ---------------------------------------------------------------------
+def _numpy(x) -> np.ndarray:
+    """A numpy array of ``x`` (a tensor is detached and moved to the CPU; bfloat16, which numpy lacks, becomes float32)."""
+    if not isinstance(x, torch.Tensor):
+        return np.asarray(x)
+    x = x.detach().cpu()
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+
+
 def _tensor(x) -> torch.Tensor:
     """``torch.as_tensor`` that also takes numpy views with negative strides (flipped arrays)."""
     if isinstance(x, np.ndarray) and any(s < 0 for s in x.strides):
@@ -390,8 +398,14 @@ def empty_box_json(shape: Sequence[int], affine) -> dict:
             "spacing_mm": [round(float(s), 6) for s in voxel_spacing(_affine(affine))]}  # fmt: skip
 
 
-def margin_voxels(affine, margins_mm: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels to add below / above the box on each array axis for physical margins (see the module doc)."""
+def physical_margin_voxels(affine, margins_mm: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels to add below / above the box on each array axis for physical margins (see the module doc).
+
+    ``margins_mm``: towards the ``feet``, the ``head`` and ``inplane`` (R-L and A-P), in mm, through
+    ``affine`` (oblique included); rounded by :func:`flare23.boxes.whole_voxels`. For margins along the
+    array axes from the spacing alone: :func:`flare23.boxes.spacing_margin_voxels` (the same numbers for
+    an axis-aligned affine and equal margins).
+    """
     m = dict(DEFAULT_MARGINS_MM)
     if margins_mm:
         unknown = set(margins_mm) - set(m)
@@ -405,8 +419,8 @@ def margin_voxels(affine, margins_mm: Mapping[str, float] | None = None) -> tupl
         [[x, y, z] for x in (-m["inplane"], m["inplane"]) for y in (-m["inplane"], m["inplane"]) for z in (-m["feet"], m["head"])]
     )
     vox = region @ inv.T  # world displacement -> voxel displacement, 8 corners of a convex region
-    below = np.ceil(np.maximum(0.0, -vox.min(0)) - 1e-6).astype(int)
-    above = np.ceil(np.maximum(0.0, vox.max(0)) - 1e-6).astype(int)
+    below = whole_voxels(-vox.min(0)).astype(int)
+    above = whole_voxels(vox.max(0)).astype(int)
     return below, above
 
 
@@ -423,8 +437,11 @@ def roi_box(
     ``mask_sub``: the mask on the subsampled grid (``(*spatial)`` or with leading singleton axes),
     in the same array order as ``full_shape`` and ``affine`` (the full-resolution image's), subsampled
     from ``offsets`` (:func:`ras_phase`; default 0). Returns ``None`` when there is no foreground.
+    The foreground's box is :func:`flare23.boxes.mask_box` on the mask in numpy (a tensor is moved to
+    the CPU): the box of MONAI's ``generate_spatial_bounding_box`` (tested), in about 1 ms where MONAI's
+    takes 35 ms on a 128 x 128 x 60 CPU tensor.
     """
-    m = torch.as_tensor(mask_sub) if not isinstance(mask_sub, np.ndarray) else mask_sub
+    m = _numpy(mask_sub)
     while m.ndim > 3 and m.shape[0] == 1:
         m = m[0]
     full_shape = tuple(int(s) for s in full_shape)
@@ -438,13 +455,13 @@ def roi_box(
             f"({subsampled_shape(full_shape, strides, offsets)})"
         )
     a = _affine(affine)
-    start_sub, stop_sub = generate_spatial_bounding_box(m[None], allow_smaller=True)
-    if all(e <= s for s, e in zip(start_sub, stop_sub)):
+    box_sub = mask_box(m > 0)
+    if box_sub is None:
         return None
-    below, above = margin_voxels(a, margins_mm)
+    below, above = physical_margin_voxels(a, margins_mm)
     start, stop = [], []
     for i in range(3):
-        s, lo, last = strides[i], int(start_sub[i]), int(stop_sub[i]) - 1
+        s, lo, last = strides[i], box_sub[i].start, box_sub[i].stop - 1
         first_full = math.floor(lo * s + offsets[i] - s / 2 + 0.5)
         last_full = math.ceil(last * s + offsets[i] + s / 2 - 0.5)
         start.append(max(0, first_full - int(below[i])))
@@ -701,7 +718,7 @@ class RoiBoxd(MapTransform):
                  allow_missing_keys: bool = False) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         self.ref_key, self.margins_mm, self.postfix, self.box_key = ref_key, dict(margins_mm or {}), postfix, box_key
-        margin_voxels(np.eye(4), self.margins_mm)  # validate now, not at the first case
+        physical_margin_voxels(np.eye(4), self.margins_mm)  # validate now, not at the first case
         self.output_dir = str(output_dir) if output_dir else None
 
     def __call__(self, data: Mapping) -> dict:

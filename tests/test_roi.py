@@ -328,6 +328,53 @@ def _assert_margins_respected(mask, affine, box, margins, samples=7):
     assert np.all(moved >= np.array(box.start)) and np.all(moved < np.array(box.stop))
 
 
+def test_mask_box_gives_monais_generate_spatial_bounding_box_on_random_masks():
+    """roi_box takes its box from flare23.boxes.mask_box (faster): the same box as MONAI's helper, empty included."""
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    from flare23.boxes import mask_box
+
+    rng = np.random.default_rng(11)
+    for shape in [(30, 25, 12), (9, 7), (40,), (1, 1, 1), (17, 1, 5)]:
+        for density in (0.0, 0.0, 0.001, 0.05, 0.6):
+            m = (rng.random(shape) < density) * rng.integers(-2, 4, shape)  # MONAI selects > 0, negatives are not foreground
+            start, stop = generate_spatial_bounding_box(m[None], allow_smaller=True)
+            no_box = all(e <= b for b, e in zip(start, stop))
+            expected = None if no_box else tuple(slice(int(b), int(e)) for b, e in zip(start, stop))
+            assert mask_box(m > 0) == expected
+            t = torch.from_numpy(m)
+            start_t, stop_t = generate_spatial_bounding_box(t[None], allow_smaller=True)
+            assert (list(start_t), list(stop_t)) == (list(start), list(stop))
+            assert mask_box(roi._numpy(t) > 0) == expected
+    empty = np.zeros((6, 5, 4), np.uint8)
+    assert generate_spatial_bounding_box(empty[None], allow_smaller=True) == ([0, 0, 0], [0, 0, 0]) and mask_box(empty) is None
+    assert roi.roi_box(empty, (1, 1, 1), empty.shape, np.eye(4)) is None
+
+
+@pytest.mark.parametrize("perm, signs", [((0, 1, 2), (1, 1, 1)), ((0, 1, 2), (-1, -1, 1)), ((2, 0, 1), (1, -1, -1))])
+def test_physical_and_spacing_margins_agree_for_an_axis_aligned_affine(perm, signs):
+    """The two margin rules where they overlap: axis-aligned directions, one margin for feet, head and in-plane."""
+    from flare23.boxes import spacing_margin_voxels
+    from flare23.io import voxel_spacing
+
+    rot = np.eye(3)[:, list(perm)] * np.array(signs, dtype=float)  # array axis j along world axis perm[j]
+    for spacing in [(0.8, 1.2, 3.0), (0.7, 0.7, 2.5), (3.0, 1.0, 0.5)]:
+        aff = make_affine(spacing, rot)
+        np.testing.assert_allclose(voxel_spacing(aff), spacing)
+        for m in (0.0, 2.4, 9.0, 10.0, 33.3):  # 2.4 mm is 3 voxels at 0.8, 9 mm is 3 voxels at 3.0 (no rounding up)
+            below, above = roi.physical_margin_voxels(aff, {"feet": m, "head": m, "inplane": m})
+            assert tuple(below) == tuple(above) == spacing_margin_voxels(spacing, m)
+        # unequal margins, feet at the lower index of the slice axis: in-plane axes by in-plane, the slice axis by feet / head
+        margins = {"feet": 12.0, "head": 4.5, "inplane": 6.0}
+        below, above = roi.physical_margin_voxels(aff, margins)
+        z = roi.slice_axis(aff)
+        head_up = rot[2, z] > 0
+        for j in range(3):
+            lo = margins["feet" if head_up else "head"] if j == z else margins["inplane"]
+            hi = margins["head" if head_up else "feet"] if j == z else margins["inplane"]
+            assert (below[j], above[j]) == (spacing_margin_voxels(spacing, lo)[j], spacing_margin_voxels(spacing, hi)[j])
+
+
 @pytest.mark.parametrize("deg", [0, 20, -35])
 def test_box_respects_physical_margins_for_oblique_directions(deg):
     shape = (48, 48, 40)
@@ -337,7 +384,7 @@ def test_box_respects_physical_margins_for_oblique_directions(deg):
     box = roi.roi_box(m, (1, 1, 1), shape, aff)
     _assert_margins_respected(m, aff, box, MARGINS)
     # not wider than needed: at most one voxel beyond the extreme displacement on each side
-    below, above = roi.margin_voxels(aff, MARGINS)
+    below, above = roi.physical_margin_voxels(aff, MARGINS)
     lo, hi = bbox(m)
     assert np.all(np.array(box.start) >= np.maximum(0, lo - below))
     assert np.all(np.array(box.stop) <= np.minimum(shape, hi + above))
