@@ -134,10 +134,11 @@ class CascadeNetworks(torch.nn.Module):
         for event in self._ready.values():
             event.clear()
         self._errors.clear()
-        paths = {"roi": roi_ckpt, "organ": organ_ckpt, "tumor": tumor_ckpt}
-        use_combined = (
-            not all(p and Path(p).is_file() for p in paths.values()) and combined_ckpt and Path(combined_ckpt).is_file()
-        )
+        from flare23.trained import weights_files
+
+        # the same choice the sub-bundles' settings were read from (one rule: flare23.trained.weights_files)
+        paths = weights_files(roi_ckpt, organ_ckpt, tumor_ckpt, combined_ckpt)
+        use_combined = bool(combined_ckpt) and set(paths.values()) == {str(combined_ckpt)}
 
         def work():
             if use_combined:
@@ -279,6 +280,7 @@ class CascadeInferer(Inferer):
         block: int = DEFAULT_BLOCK,
         precision: str = "auto",
         postprocessing: bool = True,
+        postprocess_params: dict | None = None,
         overlap_branches: str | bool = "auto",
         out_device: str | torch.device = "cpu",
     ):
@@ -288,6 +290,7 @@ class CascadeInferer(Inferer):
         self.block = int(block)
         self.precision = precision
         self.postprocessing = as_bool(postprocessing, "postprocess")
+        self.postprocess_params = _postprocess_params(postprocess_params)
         self.overlap_branches = overlap_branches
         self.out_device = torch.device(out_device)
         self.timings: list[dict] = []
@@ -447,7 +450,7 @@ class CascadeInferer(Inferer):
             del lab_o, lab_t  # full-size maps: only the ensemble goes on
             if self.postprocessing:
                 with timer("postprocess"):
-                    labels = postprocess(labels.cpu().numpy())
+                    labels = postprocess(labels.cpu().numpy(), **self.postprocess_params)
                     labels = torch.from_numpy(np.ascontiguousarray(labels))
             with timer("paste"):
                 labels = roi_lib.reorient(labels.to(self.out_device), ras, crop_affine)
@@ -586,6 +589,27 @@ class SaveLabeld(MapTransform):
             save_nifti(labels.astype(np.uint8, copy=False), affine, out)
             self.written.append(out)
         return d
+
+
+def _postprocess_params(params: dict | None) -> dict:
+    """:func:`flare23.postprocess.postprocess`'s lists and fraction from the pipeline's ids, checked before any case."""
+    params = dict(params or {})
+    unknown = set(params) - {"keep_largest", "remove_small", "fraction"}
+    if unknown:
+        raise Flare23Error(f"postprocess_params: unknown key(s) {sorted(unknown)}; expected keep_largest, remove_small, fraction")
+    out = {}
+    for key in ("keep_largest", "remove_small"):
+        if key in params:
+            labels = [int(v) for v in params[key]]
+            if any(not 1 <= v < 255 for v in labels):
+                raise Flare23Error(f"{key}: labels must be foreground ids, got {labels}")
+            out[key] = labels
+    if "fraction" in params:
+        fraction = float(params["fraction"])
+        if not 0.0 <= fraction <= 1.0:
+            raise Flare23Error(f"small_component_fraction must be in [0, 1], got {fraction}")
+        out["fraction"] = fraction
+    return out
 
 
 def _first(value):

@@ -199,3 +199,29 @@ def test_the_same_scan_as_dicom_and_as_nifti_in_any_axis_order_gives_identical_l
         back = out.as_reoriented(nib.orientations.ornt_transform(nib.io_orientation(out.affine), nib.io_orientation(affine)))
         assert np.allclose(back.affine, affine, atol=1e-4)
         assert np.array_equal(np.asarray(back.dataobj), ref_labels), (name, float((np.asarray(back.dataobj) != ref_labels).mean()))
+
+
+def test_post_processing_lists_and_fraction_are_pipeline_ids(inputs, tmp_path):
+    """``keep_largest_labels`` / ``remove_small_labels`` / ``small_component_fraction`` reach the clean-up.
+
+    The run with them equals the run without post-processing, cleaned up by hand with the same lists.
+    """
+    from flare23.postprocess import postprocess
+
+    src = sorted(inputs.iterdir())[0]  # the RAS phantom: the crop's C order is the file's
+    assert nib.aff2axcodes(nib.load(str(src)).affine) == ("R", "A", "S")
+    runs = {"raw": ["--postprocess", "false"],
+            "custom": ["--keep_largest_labels", str(list(range(1, 15))), "--remove_small_labels", "[]", "--small_component_fraction", "0.5"]}  # fmt: skip
+    out = {}
+    for name, extra in runs.items():
+        dst = tmp_path / f"{name}.nii.gz"
+        r = subprocess.run([sys.executable, "-m", "flare23", "segment", "-i", str(src), "-o", str(dst), *_tiny_args(), *extra],
+                           capture_output=True, text=True, env=_env(), timeout=900)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = np.asarray(nib.load(str(dst)).dataobj)
+    expected = postprocess(out["raw"], keep_largest=list(range(1, 15)), remove_small=[], fraction=0.5)
+    assert not np.array_equal(expected, out["raw"])  # the lists changed something here
+    assert np.array_equal(out["custom"], expected)
+    r = subprocess.run([sys.executable, "-m", "flare23", "segment", "-i", str(src), "-o", str(tmp_path / "bad.nii.gz"),
+                        *_tiny_args(), "--small_component_fraction", "2"], capture_output=True, text=True, env=_env(), timeout=900)  # fmt: skip
+    assert r.returncode == 2 and "small_component_fraction must be in [0, 1]" in r.stderr
