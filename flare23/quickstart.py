@@ -274,22 +274,6 @@ class _Logs:
         return False
 
 
-def _no_logging_file_notice(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Logging file is set to False")
-
-
-def _config_workflow(**kwargs):
-    """``ConfigWorkflow(logging_file=False, ...)`` without MONAI's notice "Logging file is set to False, skipping logging."."""
-    from monai.bundle import ConfigWorkflow
-
-    wf_logger = logging.getLogger("monai.bundle.workflows")  # the logger that ConfigWorkflow.__init__ warns on
-    wf_logger.addFilter(_no_logging_file_notice)
-    try:
-        return ConfigWorkflow(logging_file=False, **kwargs)
-    finally:
-        wf_logger.removeFilter(_no_logging_file_notice)
-
-
 def _say(text: str = "") -> None:
     from tqdm.auto import tqdm
 
@@ -402,7 +386,9 @@ def train_bundle(
         settings["device"] = f"$torch.device({str(device)!r})"
     meta = configs / "metadata.json"
     meta_file = str(meta) if meta.is_file() else None
-    wf = _config_workflow(config_file=str(configs / "train.json"), meta_file=meta_file, workflow_type="train", **settings)
+    from flare23.segment import config_workflow
+
+    wf = config_workflow(config_file=str(configs / "train.json"), meta_file=meta_file, workflow_type="train", **settings)
     _disable_progress_bars(wf.parser)
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -440,7 +426,7 @@ def run_cascade(
     """The pipeline bundle on a folder of CTs with given checkpoints and sub-bundle overrides (a bar per case)."""
     from tqdm.auto import tqdm
 
-    from flare23.segment import pipeline_config, user_error_in
+    from flare23.segment import config_workflow, pipeline_config, user_error_in
 
     config = pipeline_config(bundles_dir)
     settings = {
@@ -458,7 +444,7 @@ def run_cascade(
     if device is not None:
         settings["device"] = f"$torch.device({str(device)!r})"
     try:
-        wf = _config_workflow(config_file=str(config), workflow_type="infer", meta_file=None, **settings)
+        wf = config_workflow(config_file=str(config), workflow_type="infer", meta_file=None, **settings)
         wf.initialize()
         evaluator = wf.parser.get_parsed_content("evaluator")
         quiet()
