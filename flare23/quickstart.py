@@ -502,11 +502,13 @@ def default_threads(torch_default: int) -> int:
     several times slower than one thread (measured on 2 cores at load 5: 23 s against 5 s per
     training iteration), so the quickstart only uses the cores that are free when it starts.
     """
+    from flare23.efficiency import available_cpus
+
     try:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):  # not available on Windows
         return torch_default
-    free = (os.cpu_count() or 1) - load
+    free = available_cpus() - load  # the CPUs this process may use (affinity, cgroup quota), not the machine's
     return max(1, min(int(torch_default), int(free + 0.5)))
 
 

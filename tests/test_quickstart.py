@@ -442,7 +442,9 @@ def test_median_stage_times(tmp_path):
 def test_default_threads_leave_busy_cores_alone(monkeypatch, cpus, load):
     from flare23.quickstart import default_threads
 
-    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's cores do not count ...
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)  # ... the process's do
+    monkeypatch.setattr("flare23.efficiency.cgroup_cpu_limit", lambda *a, **k: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     idle = max(1, math.floor(cpus - load + 0.5))  # cores left idle, rounded half up
     assert default_threads(cpus) == min(cpus, idle)
