@@ -294,7 +294,6 @@ class CascadeInferer(Inferer):
         self.overlap_branches = overlap_branches
         self.out_device = torch.device(out_device)
         self.timings: list[dict] = []
-        self.boxes: list = []
         self.box_records: list[dict] = []  # RoiBox.to_json with the input's affine, per case
         self.failures: list[str] = []
 
@@ -403,7 +402,6 @@ class CascadeInferer(Inferer):
                 box = roi_lib.locate(
                     roi_net, image, affine, device=device, autocast=_autocast(device, self.precision), **self.roi_params
                 )
-            self.boxes.append(box)
             self.box_records.append(box.to_json(affine) if box is not None else roi_lib.empty_box_json(full_shape, affine))
             if box is None:
                 # wait for the networks still loading in the background: a bad checkpoint is then reported, and no

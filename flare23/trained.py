@@ -147,6 +147,23 @@ def _shapes(net: torch.nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
+def _spec_of(target: str, args: dict) -> dict:
+    """The spec of ``target(**args)`` as :func:`_describe` reads it (built on the meta device: nothing allocated)."""
+    cls = _locate(target)
+    return _describe(build_network({"_target_": f"{cls.__module__}.{cls.__qualname__}", **args}, device="meta"))
+
+
+def network_difference(stored: dict, asked: dict, class_id: str = "network_def#_target_") -> tuple[str, object, object] | None:
+    """Where two network specs first differ: ``(config id, stored value, asked value)``, or ``None`` when they agree.
+
+    ``class_id`` names the id that chooses the class (``network_def#network`` in the inference configs).
+    """
+    if same(stored, asked):
+        return None
+    key = first_difference(stored, asked)
+    return (class_id if key == "_target_" else f"network_def#{key}", stored.get(key), asked.get(key))
+
+
 def network_spec(net: torch.nn.Module) -> dict | None:
     """The definition that rebuilds ``net`` (class and arguments), or ``None`` where it cannot be proven.
 
@@ -211,14 +228,13 @@ class RecordedSettings:
         """On a resume: the checkpoint's settings must be this run's (weights trained on one grid go on on it)."""
         if not isinstance(state, dict):
             raise Flare23Error(f"cannot resume: the checkpoint's settings are a {type(state).__name__}")
-        for key in ("model", "network"):
-            old, new = state.get(key), self.settings.get(key)
-            if old is not None and new is not None and not same(old, new):
-                detail = first_difference(old, new) if isinstance(old, dict) and isinstance(new, dict) else None
-                what = f"network_def#{detail}" if key == "network" and detail else key
-                old_v = old.get(detail) if detail else old
-                new_v = new.get(detail) if detail else new
-                raise Flare23Error(f"cannot resume: the checkpoint was trained with {what} {old_v!r}, this run has {new_v!r}")
+        old, new = state.get("model"), self.settings.get("model")
+        if old is not None and not same(old, new):
+            raise Flare23Error(f"cannot resume: the checkpoint is the {old} model, this run trains the {new} model")
+        if state.get("network") and self.settings.get("network"):
+            diff = network_difference(state["network"], self.settings["network"])
+            if diff:
+                raise Flare23Error(f"cannot resume: the checkpoint was trained with {diff[0]} {diff[1]!r}, this run has {diff[2]!r}")
         old_values, new_values = state.get("values", {}), self.settings["values"]
         for key in old_values:
             if key in new_values and not same(old_values[key], new_values[key]):
@@ -304,14 +320,10 @@ class TrainedSettings:
         stored = (self.settings or {}).get("network")
         if not stored:
             return
-        asked = _describe(getattr(network, "module", network))
-        if not same(asked, stored):
-            key = first_difference(stored, asked)
-            name = "network_def#_target_" if key == "_target_" else f"network_def#{key}"
-            raise Flare23Error(
-                f"{name}: {self.path} was trained with {stored.get(key)!r}, but this run sets {asked.get(key)!r}; "
-                f"pass --{name} {json.dumps(stored.get(key))}"
-            )
+        diff = network_difference(stored, _describe(getattr(network, "module", network)))
+        if diff:
+            name, was, now = diff
+            raise Flare23Error(f"{name}: {self.path} was trained with {was!r}, but this run sets {now!r}; pass --{name} {json.dumps(was)}")
 
     def normalization(self, fingerprint_file="", model_name: str | None = None) -> dict:
         """CT normalisation values: the checkpoint's; a fingerprint file given explicitly must agree with them."""
@@ -341,25 +353,19 @@ class TrainedSettings:
     def network(self, target: str, args: dict) -> torch.nn.Module:
         """The network to load the weights into: ``target(**args)``, or the stored definition when ``args`` are the defaults."""
         stored = (self.settings or {}).get("network")
-        cls = _locate(target)
         if not stored:
-            return cls(**args)
-        asked = _describe(build_network({"_target_": f"{cls.__module__}.{cls.__qualname__}", **args}, device="meta"))
-        if same(asked, stored):
-            return cls(**args)
+            return _locate(target)(**args)
+        asked = _spec_of(target, args)
+        diff = network_difference(stored, asked, "network_def#network")
+        if diff is None:
+            return _locate(target)(**args)
         defaults = self._default_args()
-        if defaults is not None:
-            default_target = _locate(defaults.pop("_network"))
-            default_spec = _describe(
-                build_network({"_target_": f"{default_target.__module__}.{default_target.__qualname__}", **defaults}, device="meta")
-            )
-            if same(asked, default_spec):
-                logger.info("%s: network built as recorded in the checkpoint (%s)", self.path, stored["_target_"])
-                return build_network(stored)
-        key = first_difference(stored, asked)
-        name = "network" if key == "_target_" else f"network_def#{key}"
+        if defaults is not None and same(asked, _spec_of(defaults.pop("_network"), defaults)):
+            logger.info("%s: network built as recorded in the checkpoint (%s)", self.path, stored["_target_"])
+            return build_network(stored)
+        name, was, now = diff
         raise Flare23Error(
-            f"{name}: {self.path} was trained with {stored.get(key)!r}, but this run sets {asked.get(key)!r}; "
+            f"{name}: {self.path} was trained with {was!r}, but this run sets {now!r}; "
             "leave the network_def overrides out (the checkpoint's network is the default)"
         )
 
