@@ -310,7 +310,10 @@ class CascadeInferer(Inferer):
         target = target_shape(shape, spacing_ras, branch.target_spacing)
         if target != shape:
             x = resample_image(x, target)
-        x = CTNormalize(branch.clip_low, branch.clip_high, branch.mean, branch.std)(x)
+        # in place only on a volume of our own: the crop itself (a float32 input already on the model grid)
+        # serves the other branch too and must stay as it is
+        owned = x.data_ptr() != crop_ras.data_ptr()
+        x = CTNormalize(branch.clip_low, branch.clip_high, branch.mean, branch.std, inplace=owned)(x)
         return x[None, None], shape
 
     def _labels(

@@ -99,3 +99,27 @@ def test_the_cascades_network_input_equals_the_bundles_own_preprocessing_on_a_re
     assert torch.allclose(cascade_input[0], bundle_input.as_tensor().float(), atol=1e-4), (cascade_input[0] - bundle_input).abs().max()
     # the grid is the one the convention names, not just the same numbers by chance
     assert np.allclose(bundle_input.affine.numpy(), resampled_affine(ras, crop_ras.shape, tuple(bundle_input.shape[1:])), atol=1e-4)
+
+
+def test_the_cascade_never_normalises_the_shared_crop_in_place():
+    """A float32 crop already on a branch's grid is that branch's input as it is: normalising it in place would
+    hand the other branch a normalised crop (a silent wrong answer). A resampled volume is normalised in place."""
+    from flare23.inference import Branch
+    from flare23.transforms import CTNormalize
+
+    gen = torch.Generator().manual_seed(3)
+    crop = (torch.rand((16, 12, 10), generator=gen) * 2000 - 1000).float()
+    before = crop.clone()
+    norm = {"clip_low": -900.0, "clip_high": 300.0, "mean": 50.0, "std": 150.0}
+    same_grid = Branch("tumor", (2.0, 2.0, 3.0), (16, 16, 8), 0.5, **norm)
+    coarser = Branch("organ", (4.0, 4.0, 6.0), (16, 16, 8), 0.5, **norm)
+    a, _ = CascadeInferer._prepare(same_grid, crop, (2.0, 2.0, 3.0), torch.device("cpu"))
+    assert torch.equal(crop, before)  # the shared crop is untouched
+    assert torch.allclose(a[0, 0], CTNormalize(**norm)(before))
+    b, _ = CascadeInferer._prepare(coarser, crop, (2.0, 2.0, 3.0), torch.device("cpu"))
+    ref = F.interpolate(before[None, None], size=(8, 6, 5), mode="trilinear", align_corners=False)[0, 0]
+    assert torch.allclose(b[0, 0], CTNormalize(**norm)(ref), atol=1e-5)
+    # the in-place form gives the same numbers and writes into the tensor it is given
+    t = before.clone()
+    out = CTNormalize(**norm, inplace=True)(t)
+    assert out.data_ptr() == t.data_ptr() and torch.allclose(out, CTNormalize(**norm)(before))
