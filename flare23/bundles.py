@@ -199,8 +199,6 @@ def install_excepthook(force: bool = False) -> bool:
     return True
 
 
-install_excepthook()
-
 
 class SubBundle:
     """A parsed config of another bundle: ``SubBundle(path).get("network_def")``.

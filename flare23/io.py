@@ -25,7 +25,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from flare23 import bundles as _bundles  # noqa: F401 - its import installs the one-line error hook of `monai.bundle run`
 from flare23.constants import FINGERPRINT_DEFAULTS, IMAGE_SUFFIX
 from flare23.errors import Flare23Error
 
