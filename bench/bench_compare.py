@@ -5,7 +5,7 @@ One command (CPU; the same script on a lent GPU with ``--device cuda``)::
     python bench/bench_compare.py [--sizes 100,300,500] [--real] [--repeats 3] [--filters 4,8,16,16,16,16]
                                   [--device cpu|cuda] [--systems ours,nnunet,monai] [--out bench/results]
 
-Inputs: full-size phantoms (``flare23.phantoms.make_phantom(size="full")``, 512 x 512 x SIZE) and,
+Inputs: full-size phantoms (``flare23.tools.phantoms.generate.make_phantom(size="full")``, 512 x 512 x SIZE) and,
 with ``--real``, the real CT of ``../shared/data/real_ct/ts_example_ct``. Each run is one process
 (clean peak-memory figures); runs are interleaved (round r: every input, every system).
 
@@ -30,7 +30,7 @@ Then the probability-to-label stage alone: the same smooth random 15-channel flo
 dtype nnU-Net's predictor hands its export) on the
 preprocessed grid of each 512 x 512 x SIZE input, given to nnU-Net's
 ``convert_predicted_logits_to_segmentation_with_correct_shape`` and to ours
-(:func:`flare23.resample.resample_labels`, as the pipeline calls it), each in its own process,
+(:func:`flare23.data.resample.resample_labels`, as the pipeline calls it), each in its own process,
 interleaved (ours on the device with ``--device cuda``; nnU-Net's export runs on the CPU); the two
 label maps are compared voxel by voxel.
 
@@ -308,20 +308,20 @@ def worker_project(args) -> dict:
 
     extra: dict[str, float] = {}
     if args.system == "ours":
-        import flare23.inference as inf
-        import flare23.roi as roi_lib
+        import flare23.inference.cascade as cascade
+        from flare23.inference.cases import ReadCased, SaveLabeld
 
-        _timed_method(inf.ReadCased, "__call__", extra, "read")
-        _timed_method(inf.SaveLabeld, "__call__", extra, "write")
+        _timed_method(ReadCased, "__call__", extra, "read")
+        _timed_method(SaveLabeld, "__call__", extra, "write")
         boxes = []
-        locate = roi_lib.locate
+        locate = cascade.locate
 
         def recording_locate(*a, **k):
             box = locate(*a, **k)
             boxes.append(box)
             return box
 
-        roi_lib.locate = recording_locate
+        cascade.locate = recording_locate
         result, memory = measured(lambda: bench_pipeline.worker_ours(args), args.device)
         result["stages"].update(extra)
         if boxes and boxes[0] is not None:
@@ -341,11 +341,11 @@ def worker_project(args) -> dict:
 
 
 def worker_export_ours(args) -> dict:
-    """Ours on the shared logits: :func:`flare23.resample.resample_labels` as the pipeline calls it."""
+    """Ours on the shared logits: :func:`flare23.data.resample.resample_labels` as the pipeline calls it."""
     import numpy as np
     import torch
 
-    from flare23.resample import DEFAULT_BLOCK, resample_labels
+    from flare23.data.resample import DEFAULT_BLOCK, resample_labels
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -396,7 +396,7 @@ def _prepare_inputs(work: Path, args) -> dict[str, Path]:
     from bench_pipeline import _random_ckpts, prepare
 
     from flare23.io import load_nifti
-    from flare23.roi import roi_box
+    from flare23.roi.box import roi_box
 
     cases: dict[str, Path] = {}
     for n in args.sizes:

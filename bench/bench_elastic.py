@@ -1,4 +1,4 @@
-"""Time the training configs' elastic deformation: MONAI's ``Rand3DElasticd`` against ``flare23.transforms.RandElastic3Dd``.
+"""Time the training configs' elastic deformation: MONAI's ``Rand3DElasticd`` against ``flare23.models.transforms.RandElastic3Dd``.
 
     python bench/bench_elastic.py [--patch 96,96,48] [--samples 40] [--repeats 5] [--threads 1]
 
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from monai.networks.layers import GaussianFilter  # noqa: E402
 from monai.transforms import Rand3DElasticd  # noqa: E402
 
-from flare23.transforms import RandElastic3Dd  # noqa: E402
+from flare23.models.transforms import RandElastic3Dd  # noqa: E402
 
 SIGMA, MAGNITUDE = (9.0, 13.0), (0.0, 900.0)
 

@@ -1,4 +1,4 @@
-"""Time ``flare23.metrics.evaluate_case`` against DeepMind's ``surface-distance`` on a CT-sized case.
+"""Time ``flare23.evaluation.metrics.evaluate_case`` against DeepMind's ``surface-distance`` on a CT-sized case.
 
     python bench/bench_evaluate.py [--slices 300] [--repeats 3] [--seed 0] [--monai]
 
@@ -34,7 +34,7 @@ from scipy import ndimage
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from flare23.constants import FOREGROUND_IDS, LABEL_KEYS, NSD_DSC_CUTOFF, NSD_TOLERANCE_MM, SLAB_RESTRICTED_IDS  # noqa: E402
-from flare23.metrics import evaluate_case  # noqa: E402
+from flare23.evaluation.metrics import evaluate_case  # noqa: E402
 
 SPACING = (0.8, 0.8, 2.5)
 

@@ -3,13 +3,13 @@
     python bench/bench_lesion_exposure.py [--size small] [--cases 40] [--patch 64,64,32] [--spacing 2.75,2.75,4.0]
                                           [--draws 200] [--power 1.0] [--seed 31]
 
-Generates ``--cases`` phantoms (``flare23.phantoms``, 85 % with tumors) in a temporary folder and builds the
+Generates ``--cases`` phantoms (``flare23.tools.phantoms``, 85 % with tumors) in a temporary folder and builds the
 tumor_seg bundle's training transforms from its ``train.json`` (cached part: load, RAS, resampling,
 normalisation, class indices, lesion weights; then the context crop and the patch selection of the random
 part). For every case with a tumor it draws ``--draws`` patches twice from the same seed: with the
 shipped default (``crop_balance_classes`` [], a tumor-centred patch is centred on a tumor voxel drawn
 uniformly, so lesions are drawn in proportion to their volume) and with ``crop_balance_classes`` [14]
-(``flare23.sampling.ClassComponentWeightsd``: each lesion equally often, ``--power`` 1). Lesions are the
+(``flare23.models.sampling.ClassComponentWeightsd``: each lesion equally often, ``--power`` 1). Lesions are the
 26-connected components of label 14 on the resampled grid.
 
 Prints, per lesion-size bin: the share of that case's patches that hold any voxel of the lesion and the
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     from skimage.measure import label as components
 
-    from flare23.phantoms import generate_phantoms
+    from flare23.tools.phantoms.generate import generate_phantoms
 
     patch = tuple(int(v) for v in args.patch.split(","))
     spacing = tuple(float(v) for v in args.spacing.split(","))

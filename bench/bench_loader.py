@@ -3,12 +3,12 @@
     python bench/bench_loader.py [--bundle tumor_seg] [--patch 96,96,48] [--spacing 2.75,2.75,4.0]
                                  [--cases 4] [--samples 60] [--repeats 3] [--threads 1]
 
-Generates ``--cases`` small phantoms (``flare23.phantoms``, all with tumors) in a temporary folder, builds the
+Generates ``--cases`` small phantoms (``flare23.tools.phantoms``, all with tumors) in a temporary folder, builds the
 bundle's ``train#dataset`` from its ``train.json`` (cached deterministic part: load, RAS, resampling,
 normalisation, class indices), and times ``dataset[i]`` (the random part a data-loader worker runs per
 patch: context crop, patch selection, rotation, scaling, elastic deformation, intensity, mirroring) for:
 
-* ours: the config as shipped (``flare23.transforms.RandElastic3Dd``);
+* ours: the config as shipped (``flare23.models.transforms.RandElastic3Dd``);
 * baseline: the same config with MONAI's ``Rand3DElasticd`` (same settings) in place of it.
 
 Prints the median over ``--repeats`` of the mean ms per patch over ``--samples`` patches, the ratio, the
@@ -51,7 +51,7 @@ def _dataset(bundle: str, data: Path, patch, spacing, elastic: str):
     for key, value in overrides.items():
         parser[key] = value
     randoms = parser["train"]["random_transforms"]
-    found = [i for i, t in enumerate(randoms) if t["_target_"] in ("flare23.transforms.RandElastic3Dd", "Rand3DElasticd")]
+    found = [i for i, t in enumerate(randoms) if t["_target_"] in ("flare23.models.transforms.RandElastic3Dd", "Rand3DElasticd")]
     if len(found) != 1:
         raise SystemExit(f"{bundle}: expected one elastic transform in train#random_transforms, found {len(found)}")
     randoms[found[0]]["_target_"] = elastic
@@ -93,14 +93,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    from flare23.phantoms import generate_phantoms
+    from flare23.tools.phantoms.generate import generate_phantoms
 
     patch = tuple(int(v) for v in args.patch.split(","))
     spacing = tuple(float(v) for v in args.spacing.split(","))
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         data = Path(tmp)
         generate_phantoms(data, cases=args.cases, seed=0, size="small", tumor_fraction=1.0, validation_fraction=0.0)
-        ours, randoms = _dataset(args.bundle, data, patch, spacing, "flare23.transforms.RandElastic3Dd")
+        ours, randoms = _dataset(args.bundle, data, patch, spacing, "flare23.models.transforms.RandElastic3Dd")
         base, _ = _dataset(args.bundle, data, patch, spacing, "Rand3DElasticd")
         m_ours, r_ours = _time(ours, args.samples, args.repeats)
         m_base, r_base = _time(base, args.samples, args.repeats)

@@ -1,4 +1,4 @@
-"""Time one training step of MONAI's ``DynUNet`` against ``flare23.networks.NnDynUNet`` (nnU-Net's decoder kernels).
+"""Time one training step of MONAI's ``DynUNet`` against ``flare23.models.networks.NnDynUNet`` (nnU-Net's decoder kernels).
 
     python bench/bench_network.py [--strides organ|tumor] [--filters 8,16,32,64,64,64] [--patch 64,64,32]
                                   [--batch 2] [--steps 6] [--repeats 3] [--threads 2]
@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 from monai.bundle import ConfigParser  # noqa: E402
 
 from flare23 import constants  # noqa: E402
-from flare23.networks import count_parameters  # noqa: E402
+from flare23.models.networks import count_parameters  # noqa: E402
 
 
 def _network(target, strides, filters):
@@ -75,7 +75,7 @@ def main(argv=None):
     filters = [int(v) for v in args.filters.split(",")]
     patch = tuple(int(v) for v in args.patch.split(","))
     torch.manual_seed(0)
-    nets = {k: _network(t, strides, filters) for k, t in (("DynUNet", "DynUNet"), ("NnDynUNet", "flare23.networks.NnDynUNet"))}
+    nets = {k: _network(t, strides, filters) for k, t in (("DynUNet", "DynUNet"), ("NnDynUNet", "flare23.models.networks.NnDynUNet"))}
     opts = {k: torch.optim.Adam(n.parameters(), 1e-4) for k, n in nets.items()}
     x = torch.randn(args.batch, 1, *patch)
     print(f"{args.strides} strides, widths {filters}, patch {patch}, batch {args.batch}, torch threads {args.threads}")

@@ -4,10 +4,10 @@ One command (CPU now; the same script on a GPU with ``--device cuda``)::
 
     python bench/bench_pipeline.py [--slices 300] [--repeats 3] [--filters 8,16,32,64,64,64] [--device cpu]
 
-On one full-size phantom (512 x 512 x SLICES, ``flare23.phantoms.make_phantom(size="full")``), in
+On one full-size phantom (512 x 512 x SLICES, ``flare23.tools.phantoms.generate.make_phantom(size="full")``), in
 one run, interleaved, each run in its own process (clean peak-memory figures):
 
-* **ours**: the pipeline bundle (``flare23.segment.run_pipeline``): ROI -> crop -> both branches
+* **ours**: the pipeline bundle (``flare23.inference.segment.run_pipeline``): ROI -> crop -> both branches
   resampled on the device -> blocked back-resampling with arg-max -> ensemble -> cc3d -> write.
 * **monai**: the unoptimised MONAI way with the *same* organ and tumor networks and weights:
   ``LoadImaged`` -> ``Orientationd`` -> ``Spacingd`` on the CPU on the whole volume (no ROI crop)
@@ -92,8 +92,9 @@ def worker_ours(args) -> dict:
 
     import torch
 
-    import flare23.roi as roi_lib
-    from flare23.segment import run_pipeline
+    import flare23.inference.cascade as cascade
+    from flare23.inference.segment import run_pipeline
+    from flare23.roi.box import RoiBox
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -101,7 +102,7 @@ def worker_ours(args) -> dict:
     roi_ckpt = BUNDLES / "roi_extractor" / "models" / "model.pt"
     if args.roi == "oracle" or not roi_ckpt.is_file():
         box = json.loads((work / "oracle_box.json").read_text())
-        roi_lib.locate = lambda *a, **k: roi_lib.RoiBox(tuple(box["start"]), tuple(box["stop"]), tuple(box["shape"]))  # noqa: E731
+        cascade.locate = lambda *a, **k: RoiBox(tuple(box["start"]), tuple(box["stop"]), tuple(box["shape"]))  # noqa: E731
         roi_ckpt = work / "roi.pt"
     out = work / "out_ours"
     t0 = time.perf_counter()
@@ -134,8 +135,8 @@ def worker_monai(args) -> dict:
 
     from flare23.bundles import SubBundle
     from flare23.constants import KEEP_LARGEST_IDS, TUMOR_ID
-    from flare23.inference import branch_from_bundle
-    from flare23.transforms import CTNormalized
+    from flare23.inference.branches import branch_from_bundle
+    from flare23.models.transforms import CTNormalized
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -195,8 +196,8 @@ def prepare(work: Path, slices: int, seed: int, filters) -> None:
     import nibabel as nib
     import numpy as np
 
-    from flare23.phantoms import make_phantom
-    from flare23.roi import roi_box
+    from flare23.roi.box import roi_box
+    from flare23.tools.phantoms.generate import make_phantom
 
     case = make_phantom(seed, size="full", slices=slices, orientation="RAS")
     (work / "in").mkdir(parents=True, exist_ok=True)

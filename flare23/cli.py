@@ -16,19 +16,26 @@ import warnings
 
 
 def _commands() -> dict:
-    from flare23 import datatools, evaluation, phantoms, quickstart, segment
+    from flare23.data.crop import crop_cli, roi_labels_cli
+    from flare23.data.datalists import datalist_cli
+    from flare23.data.fingerprint import fingerprint_cli
+    from flare23.data.labels import merge_labels_cli
+    from flare23.evaluation.evaluate import evaluate_cli
+    from flare23.inference.segment import pack_cli, segment_cli
+    from flare23.tools.phantoms.generate import phantoms_cli
+    from flare23.tools.quickstart import quickstart_cli
 
     return {
-        "phantoms": phantoms.phantoms_cli,
-        "merge-labels": datatools.merge_labels_cli,
-        "roi-labels": datatools.roi_labels_cli,
-        "crop": datatools.crop_cli,
-        "fingerprint": datatools.fingerprint_cli,
-        "datalist": datatools.datalist_cli,
-        "evaluate": evaluation.evaluate_cli,
-        "segment": segment.segment_cli,
-        "pack": segment.pack_cli,
-        "quickstart": quickstart.quickstart_cli,
+        "phantoms": phantoms_cli,
+        "merge-labels": merge_labels_cli,
+        "roi-labels": roi_labels_cli,
+        "crop": crop_cli,
+        "fingerprint": fingerprint_cli,
+        "datalist": datalist_cli,
+        "evaluate": evaluate_cli,
+        "segment": segment_cli,
+        "pack": pack_cli,
+        "quickstart": quickstart_cli,
     }
 
 
@@ -95,7 +102,7 @@ def command_help(name: str, command) -> str:
     text = helptext.HelpText(command, trace=trace.FireTrace(command, name=f"flare23 {name}"))
     text = text.replace(f"'flare23 {name}'", f"flare23 {name}")
     if name == "segment":
-        from flare23.segment import pipeline_ids_help
+        from flare23.inference.segment import pipeline_ids_help
 
         try:
             text += "\n\n" + pipeline_ids_help()

@@ -81,7 +81,7 @@ ROI_MARGIN_HEAD_MM = 20.0
 ROI_MARGIN_INPLANE_MM = 5.0
 ROI_NUM_CLASSES = 2
 #: Training context of the fine models: each sample is cropped to its labels' box widened by a margin
-#: drawn uniformly in [low, high] mm per side (``flare23.sampling.RandRoiContextCropd``), to show the
+#: drawn uniformly in [low, high] mm per side (``flare23.models.sampling.RandRoiContextCropd``), to show the
 #: networks what the ROI box gives them at inference (the margins above plus the ROI model's error,
 #: up to about 8 cm further towards the feet than the labels on the held-out phantoms). ``flare23 crop`` keeps ``high``.
 CONTEXT_MARGINS_MM: dict[str, tuple[float, float]] = {"feet": (0.0, 120.0), "head": (0.0, 60.0), "inplane": (0.0, 30.0)}

@@ -37,7 +37,7 @@ def real_dicom_dir(shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_phantoms(tmp_path_factory) -> Path:
     """Six tiny phantom cases (about 64 x 64 x 32) with datalist.json, generated once per session."""
-    from flare23.phantoms import generate_phantoms
+    from flare23.tools.phantoms.generate import generate_phantoms
 
     out = tmp_path_factory.mktemp("phantoms_tiny")
     generate_phantoms(out, cases=6, seed=0, size="tiny")

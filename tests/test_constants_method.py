@@ -136,7 +136,7 @@ def test_evaluation_section_6():
 
 # --- METHOD.md numbers defined outside constants.py, pinned where they are defined ------------------------------------
 def test_loss_and_class_weights_section_4():
-    from flare23.losses import WeightedDiceFocalLoss, class_weights
+    from flare23.models.losses import WeightedDiceFocalLoss, class_weights
 
     # "lambda = 1, gamma = 2, alpha = 1, Dice smooth 1e-5, background excluded from Dice"
     defaults = {k: p.default for k, p in inspect.signature(WeightedDiceFocalLoss).parameters.items()}
@@ -165,14 +165,14 @@ def test_schedule_and_network_choice_in_the_configs_sections_3_and_4():
 
 
 def test_fingerprint_percentiles_section_2():
-    from flare23.datatools import FINGERPRINT_PERCENTILES
+    from flare23.data.fingerprint import FINGERPRINT_PERCENTILES
 
     assert FINGERPRINT_PERCENTILES == (0.5, 99.5)  # "the 0.5 and 99.5 percentiles, mean and std"
 
 
 def test_inference_numbers_section_5():
-    from flare23.resample import DEFAULT_BLOCK
-    from flare23.sliding import sliding_window_slabs
+    from flare23.data.resample import DEFAULT_BLOCK
+    from flare23.inference.sliding import sliding_window_slabs
 
     # "Gaussian importance weighting (sigma = patch/8)"
     assert inspect.signature(sliding_window_slabs).parameters["sigma_scale"].default == 1 / 8

@@ -198,7 +198,7 @@ def test_constant_image_normalises_to_finite_values():
     """The ROI stage z-scores each volume with its own std: a constant volume (std 0) must not give NaN."""
     import torch
 
-    from flare23.roi import normalise_roi
+    from flare23.roi.predict import normalise_roi
 
     x = normalise_roi(torch.full((6, 6, 3), 40, dtype=torch.int16))
     assert torch.equal(x, torch.zeros_like(x))
@@ -206,7 +206,7 @@ def test_constant_image_normalises_to_finite_values():
 
 # --- reading: the values behind the warnings -------------------------------------------------------
 def test_nan_inf_are_replaced_and_the_rest_kept(corpus):
-    from flare23.readers import Case, read_case
+    from flare23.data.readers import Case, read_case
 
     kind = corpus[1]["nan_inf"]
     raw = np.asarray(nib.load(str(kind.path)).dataobj)
@@ -221,7 +221,7 @@ def test_nan_inf_are_replaced_and_the_rest_kept(corpus):
 
 
 def test_not_gzip_reads_the_same_values_and_ct_gives_no_warning(corpus):
-    from flare23.readers import Case, read_case
+    from flare23.data.readers import Case, read_case
 
     kind = corpus[1]["not_gzip"]
     with pytest.warns(UserWarning, match="not gzip-compressed"):
@@ -246,7 +246,7 @@ def test_gzip_despite_a_plain_nii_name(tmp_path):
 
 
 def test_dicom_modality_other_than_ct_warns(tmp_path):
-    from flare23.readers import Case, read_case
+    from flare23.data.readers import Case, read_case
 
     write_dicom_series(tmp_path / "mr", body((24, 24, 4)), modality="MR")
     with pytest.warns(UserWarning, match="Modality is MR"):

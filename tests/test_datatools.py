@@ -1,4 +1,4 @@
-"""Tests of the FLARE data tools (flare23.datatools): each result is compared with an independent,
+"""Tests of the FLARE data tools (flare23.data): each result is compared with an independent,
 simpler computation on hand-built arrays, and every tool runs on the real CT example."""
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 from nibabel.affines import apply_affine
 
-from flare23 import boxes, datatools
-from flare23 import roi as roi_lib
 from flare23.constants import ORGAN_IDS, TUMOR_ID
+from flare23.data.boxes import mask_box, spacing_margin_voxels
+from flare23.data.crop import crop_cli, roi_labels_cli
+from flare23.data.datalists import datalist_cli, split_cases
+from flare23.data.fingerprint import case_rng, fingerprint_cli, intensity_fingerprint, sample_foreground
+from flare23.data.labels import bbox_with_margin, bbox_with_physical_margins, merge_labels, merge_labels_cli, tumor_inside_organs
 from flare23.errors import Flare23Error
 from flare23.io import read_fingerprint
+from flare23.roi.geometry import roi_labels
 
 # --- helpers ---------------------------------------------------------------------------------------
 
@@ -64,11 +68,11 @@ def cli(monkeypatch):
         cli_module._commands()
     except ImportError:
         commands = {
-            "merge-labels": datatools.merge_labels_cli,
-            "roi-labels": datatools.roi_labels_cli,
-            "crop": datatools.crop_cli,
-            "fingerprint": datatools.fingerprint_cli,
-            "datalist": datatools.datalist_cli,
+            "merge-labels": merge_labels_cli,
+            "roi-labels": roi_labels_cli,
+            "crop": crop_cli,
+            "fingerprint": fingerprint_cli,
+            "datalist": datalist_cli,
         }
         monkeypatch.setattr(cli_module, "_commands", lambda: commands)
     return cli_module.main
@@ -93,7 +97,7 @@ def test_merge_labels_follows_the_rule_voxel_by_voxel():
     shape = (7, 6, 5)
     partial = np.where(rng.random(shape) < 0.4, rng.integers(1, 15, shape), 0)
     pseudo = rng.integers(0, 15, shape)  # includes pseudo tumor (14), which must be dropped
-    merged, counts = datatools.merge_labels(partial, pseudo, return_counts=True)
+    merged, counts = merge_labels(partial, pseudo, return_counts=True)
     expected = np.zeros(shape, dtype=int)
     n_partial = n_pseudo = 0
     for idx in np.ndindex(shape):
@@ -108,7 +112,7 @@ def test_merge_labels_follows_the_rule_voxel_by_voxel():
     assert counts == {"from_partial": n_partial, "from_pseudo": n_pseudo, "background": merged.size - n_partial - n_pseudo}
     assert np.array_equal(merged == TUMOR_ID, partial == TUMOR_ID)  # tumor only from the partial label
     with pytest.raises(ValueError):
-        datatools.merge_labels(partial, pseudo[:-1])
+        merge_labels(partial, pseudo[:-1])
 
 
 def test_merge_labels_on_real_ct(real_folder, tmp_path, capsys, cli):
@@ -151,8 +155,8 @@ def test_merge_labels_parallel_equals_serial(tmp_path, capsys):
             np.where(rng.random((6, 5, 4)) < 0.3, rng.integers(1, 15, (6, 5, 4)), 0).astype(np.uint8),
         )
         _write(tmp_path / "pseudo" / f"c{i}.nii.gz", rng.integers(0, 14, (6, 5, 4)).astype(np.uint8))
-    datatools.merge_labels_cli(str(tmp_path / "partial"), str(tmp_path / "pseudo"), str(tmp_path / "serial"))
-    datatools.merge_labels_cli(str(tmp_path / "partial"), str(tmp_path / "pseudo"), str(tmp_path / "parallel"), workers=2)
+    merge_labels_cli(str(tmp_path / "partial"), str(tmp_path / "pseudo"), str(tmp_path / "serial"))
+    merge_labels_cli(str(tmp_path / "partial"), str(tmp_path / "pseudo"), str(tmp_path / "parallel"), workers=2)
     for i in range(3):
         a, _ = _read(tmp_path / "serial" / f"c{i}.nii.gz")
         b, _ = _read(tmp_path / "parallel" / f"c{i}.nii.gz")
@@ -167,7 +171,7 @@ def test_merge_labels_parallel_equals_serial(tmp_path, capsys):
 
 def test_roi_labels_hand_built_and_real(real_folder, tmp_path, cli):
     label = np.arange(16 * 3).reshape(4, 4, 3) % 15
-    roi = roi_lib.roi_labels(label).numpy()
+    roi = roi_labels(label).numpy()
     expected = np.array([1 if 1 <= v <= 13 else 0 for v in label.ravel()]).reshape(label.shape)
     assert roi.dtype == np.uint8
     np.testing.assert_array_equal(roi, expected)
@@ -205,9 +209,9 @@ def test_bbox_with_margin_against_argwhere():
         if not mask.any():
             continue
         for margin in (0.0, 2.4, 5.0, 10.0):  # 2.4 mm is exactly 3 voxels at 0.8 mm and 2 at 1.2 mm
-            assert datatools.bbox_with_margin(mask, spacing, margin) == _expected_box(mask, spacing, margin)
-    assert datatools.bbox_with_margin(np.zeros((4, 4, 4)), spacing, 5.0) is None
-    assert boxes.spacing_margin_voxels(spacing, 2.4) == (3, 2, 1)
+            assert bbox_with_margin(mask, spacing, margin) == _expected_box(mask, spacing, margin)
+    assert bbox_with_margin(np.zeros((4, 4, 4)), spacing, 5.0) is None
+    assert spacing_margin_voxels(spacing, 2.4) == (3, 2, 1)
 
 
 def test_mask_box_against_argwhere():
@@ -218,12 +222,12 @@ def test_mask_box_against_argwhere():
             values = mask * rng.integers(1, 15, shape)  # a label map: nonzero counts, whatever the label
             idx = np.argwhere(mask)
             expected = None if idx.size == 0 else tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0)))
-            assert boxes.mask_box(mask) == expected
-            assert boxes.mask_box(values) == expected
+            assert mask_box(mask) == expected
+            assert mask_box(values) == expected
 
 
 def test_bbox_with_physical_margins_against_argwhere():
-    from flare23.roi import physical_margin_voxels as physical
+    from flare23.roi.box import physical_margin_voxels as physical
 
     rng = np.random.default_rng(6)
     affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like in-plane flips: "feet" is still the lower z
@@ -231,7 +235,7 @@ def test_bbox_with_physical_margins_against_argwhere():
     for _ in range(20):
         mask = rng.random((30, 25, 12)) < rng.choice([0.0, 0.002, 0.3])
         idx = np.argwhere(mask)
-        got = datatools.bbox_with_physical_margins(mask, affine, margins, above)
+        got = bbox_with_physical_margins(mask, affine, margins, above)
         if idx.size == 0:
             assert got is None
             continue
@@ -243,12 +247,12 @@ def test_bbox_with_physical_margins_against_argwhere():
 def test_tumor_inside_organs_selection():
     label = np.zeros((20, 20, 20), dtype=np.uint8)
     label[2:15, 3:16, 4:17] = 1
-    assert datatools.tumor_inside_organs(label)  # no tumor: kept
+    assert tumor_inside_organs(label)  # no tumor: kept
     label[5:8, 5:8, 5:8] = TUMOR_ID
-    assert datatools.tumor_inside_organs(label)
+    assert tumor_inside_organs(label)
     label[14:17, 5:8, 5:8] = TUMOR_ID  # sticks out of the organ box along axis 0
-    assert not datatools.tumor_inside_organs(label)
-    assert not datatools.tumor_inside_organs(np.where(label == TUMOR_ID, label, 0))  # tumor without organ
+    assert not tumor_inside_organs(label)
+    assert not tumor_inside_organs(np.where(label == TUMOR_ID, label, 0))  # tumor without organ
 
 
 def test_crop_cli_hand_built_oblique(tmp_path, capsys):
@@ -275,7 +279,7 @@ def test_crop_cli_hand_built_oblique(tmp_path, capsys):
     _write(tmp_path / "in" / "labelsTr" / "empty.nii.gz", np.zeros(shape, np.uint8), affine)
     before = _hashes(tmp_path / "in")
 
-    datatools.crop_cli(
+    crop_cli(
         str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "all"), model="organ", margin_mm=4.0
     )
     out = capsys.readouterr().out
@@ -296,7 +300,7 @@ def test_crop_cli_hand_built_oblique(tmp_path, capsys):
             np.testing.assert_allclose(apply_affine(got_affine, corner), apply_affine(affine, start + corner), atol=1e-4)
     assert not (tmp_path / "all" / "imagesTr" / "empty_0000.nii.gz").exists()
 
-    datatools.crop_cli(
+    crop_cli(
         str(tmp_path / "in" / "imagesTr"),
         str(tmp_path / "in" / "labelsTr"),
         str(tmp_path / "sel"),
@@ -468,7 +472,7 @@ def test_crop_model_is_required_and_validated(tmp_path, capsys, cli, extra, word
     assert len(err.splitlines()) == 1 and err.startswith("flare23: error: crop: --") and words in err, err
     assert not (tmp_path / "out").exists() and _hashes(root) == before
     with pytest.raises(Flare23Error, match="--model is required"):
-        datatools.crop_cli(str(root / "imagesTr"), str(root / "labelsTr"), str(tmp_path / "out"))
+        crop_cli(str(root / "imagesTr"), str(root / "labelsTr"), str(tmp_path / "out"))
 
 
 # --- fingerprint -----------------------------------------------------------------------------------
@@ -518,19 +522,19 @@ def test_fingerprint_sampling_is_uniform_deterministic_and_parallel_safe(tmp_pat
     binary = np.zeros((20, 20, 10), np.float32)
     binary[:5] = 0.0
     binary[5:] = 1.0
-    fp = datatools.intensity_fingerprint([binary], [np.ones_like(binary)], samples=40_000, seed=7)
+    fp = intensity_fingerprint([binary], [np.ones_like(binary)], samples=40_000, seed=7)
     assert fp["mean"] == pytest.approx(0.75, abs=5 * math.sqrt(0.75 * 0.25 / 40_000))
     # per-case draws come from SeedSequence(seed).spawn(n)[i]
     child = np.random.SeedSequence(9).spawn(3)[1]
     expected = np.random.default_rng(child).choice(images[1][labels[1] > 0], 100, replace=True)
-    np.testing.assert_array_equal(datatools.sample_foreground(images[1], labels[1], 100, datatools.case_rng(9, 1)), expected)
+    np.testing.assert_array_equal(sample_foreground(images[1], labels[1], 100, case_rng(9, 1)), expected)
 
-    pure = datatools.intensity_fingerprint(images, labels, samples=3000, seed=9)
-    assert pure == datatools.intensity_fingerprint(images, labels, samples=3000, seed=9)
-    assert pure["mean"] != datatools.intensity_fingerprint(images, labels, samples=3000, seed=10)["mean"]
+    pure = intensity_fingerprint(images, labels, samples=3000, seed=9)
+    assert pure == intensity_fingerprint(images, labels, samples=3000, seed=9)
+    assert pure["mean"] != intensity_fingerprint(images, labels, samples=3000, seed=10)["mean"]
     for workers in (1, 2):
         out = tmp_path / f"fp{workers}.json"
-        datatools.fingerprint_cli(
+        fingerprint_cli(
             str(tmp_path / "imagesTr"), str(tmp_path / "labelsTr"), str(out), samples=3000, seed=9, workers=workers
         )
         got = json.loads(out.read_text())
@@ -575,16 +579,16 @@ def test_fingerprint_on_real_ct(real_folder, tmp_path, cli):
 
 def test_split_cases_is_stable_and_proportional():
     cases = [f"case_{i:04d}" for i in range(300)]
-    train, val = datatools.split_cases(cases, 0.2, seed=0)
+    train, val = split_cases(cases, 0.2, seed=0)
     assert sorted(train + val) == sorted(cases) and not set(train) & set(val)
     assert 0.12 < len(val) / len(cases) < 0.28
-    assert datatools.split_cases(list(reversed(cases)), 0.2, seed=0) == (train, val)
-    more_train, more_val = datatools.split_cases(cases + [f"new_{i}" for i in range(50)], 0.2, seed=0)
+    assert split_cases(list(reversed(cases)), 0.2, seed=0) == (train, val)
+    more_train, more_val = split_cases(cases + [f"new_{i}" for i in range(50)], 0.2, seed=0)
     assert set(val) <= set(more_val) and set(train) <= set(more_train)  # adding cases moves none
-    assert datatools.split_cases(cases, 0.2, seed=1)[1] != val
-    assert datatools.split_cases(cases, 0.0)[1] == []
+    assert split_cases(cases, 0.2, seed=1)[1] != val
+    assert split_cases(cases, 0.0)[1] == []
     for n in (2, 3):  # tiny sets keep both sides non-empty
-        t, v = datatools.split_cases(cases[:n], 0.2)
+        t, v = split_cases(cases[:n], 0.2)
         assert t and v
 
 
@@ -613,7 +617,7 @@ def test_datalist_cli_with_monai(tmp_path, cli):
     assert raw["training"][0]["image"].startswith("imagesTr/")
     train = load_decathlon_datalist(str(path), True, "training")
     val = load_decathlon_datalist(str(path), True, "validation")
-    expected_train, expected_val = datatools.split_cases(names, 0.3, seed=5)
+    expected_train, expected_val = split_cases(names, 0.3, seed=5)
     for items, expected in ((train, expected_train), (val, expected_val)):
         assert [Path(d["image"]).resolve() for d in items] == [
             (tmp_path / "ds" / "imagesTr" / f"{n}_0000.nii.gz").resolve() for n in expected
@@ -787,7 +791,7 @@ def test_crop_default_keeps_the_training_context_in_physical_directions(tmp_path
     image = np.arange(np.prod(shape), dtype=np.int16).reshape(shape)
     _write(tmp_path / "in" / "imagesTr" / "c_0000.nii.gz", image, affine)
     _write(tmp_path / "in" / "labelsTr" / "c.nii.gz", label, affine)
-    datatools.crop_cli(str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "out"), model="tumor")
+    crop_cli(str(tmp_path / "in" / "imagesTr"), str(tmp_path / "in" / "labelsTr"), str(tmp_path / "out"), model="tumor")
     got, got_affine = _read(tmp_path / "out" / "imagesTr" / "c_0000.nii.gz")
     feet, head, inplane = (CONTEXT_MARGINS_MM[k][1] for k in ("feet", "head", "inplane"))
     xy = math.ceil(inplane / 2.0)  # 30 mm at 2 mm: 15 voxels, clamped to the volume

@@ -1,6 +1,6 @@
-"""``flare23 evaluate`` on prediction grids other than the reference's (flare23.grids, flare23.evaluation).
+"""``flare23 evaluate`` on prediction grids other than the reference's (flare23.data.grids, flare23.evaluation.evaluate).
 
-Reoriented copies are made with nibabel's own ``as_reoriented`` (not with flare23.grids), and
+Reoriented copies are made with nibabel's own ``as_reoriented`` (not with flare23.data.grids), and
 scores are checked against plain numpy / surface-distance computations.
 """
 
@@ -16,9 +16,9 @@ import surface_distance as sd
 from scipy import ndimage
 
 from flare23.constants import FOREGROUND_IDS, NSD_TOLERANCE_MM
+from flare23.data.grids import equivalent_transform, resample_nearest, to_reference_grid
 from flare23.errors import Flare23Error
-from flare23.evaluation import evaluate_folders
-from flare23.grids import equivalent_transform, resample_nearest, to_reference_grid
+from flare23.evaluation.evaluate import evaluate_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # surface-distance's scipy aliases
 
@@ -258,7 +258,7 @@ def test_a_failing_case_leaves_earlier_outputs_untouched(three_refs):
 
 
 def test_cli_help_documents_the_options():
-    from flare23.evaluation import evaluate_cli
+    from flare23.evaluation.evaluate import evaluate_cli
 
     doc = evaluate_cli.__doc__
     assert "resample:" in doc and "skip_missing:" in doc and "nearest" in doc

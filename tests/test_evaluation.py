@@ -1,4 +1,4 @@
-"""``flare23 evaluate`` over folders (flare23.evaluation), checked against an independent loop."""
+"""``flare23 evaluate`` over folders (flare23.evaluation.evaluate), checked against an independent loop."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from flare23.constants import FOREGROUND_IDS, NSD_TOLERANCE_MM, ORGAN_IDS, SLAB_RESTRICTED_IDS
 from flare23.errors import Flare23Error
-from flare23.evaluation import evaluate_folders
+from flare23.evaluation.evaluate import evaluate_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # surface-distance's scipy aliases
 
@@ -28,7 +28,7 @@ COLUMNS = ["case"] + [f"{n}_{m}" for n in NAMES for m in ("dsc", "nsd")]
 
 
 def flare_reference(ref, pred, spacing, cutoff=0.1):
-    """The organisers' per-class loop on top of surface-distance (independent of flare23.metrics)."""
+    """The organisers' per-class loop on top of surface-distance (independent of flare23.evaluation.metrics)."""
     out = {}
     for c in FOREGROUND_IDS:
         g, p = ref == c, pred == c

@@ -27,8 +27,8 @@ import torch
 
 from flare23 import constants as C
 from flare23.errors import Flare23Error
-from flare23.phantoms import generate_phantoms
-from flare23.training import latest_checkpoint
+from flare23.tools.phantoms.generate import generate_phantoms
+from flare23.training.checkpoints import latest_checkpoint
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_training_cli_writes_checkpoints_logs_and_best_model(trained):
     best = torch.load(ckpt_dir / "model.pt", weights_only=True)
     assert set(best) == {"model", "settings"} and all(isinstance(v, torch.Tensor) for v in best["model"].values())
     assert best["settings"]["values"]["patch_size"] == TINY[bundle]["patch_size"]
-    from flare23.training import load_weights
+    from flare23.training.checkpoints import load_weights
 
     net = workflow(bundle, ["inference.json"], "infer", **tiny(bundle)).parser.get_parsed_content("network_def")
     load_weights(net, ckpt_dir / "model.pt")
@@ -149,7 +149,7 @@ def test_resume_from_last_checkpoint(trained, tmp_path):
 
 def test_time_budget_shortens_the_run_and_completes_the_poly_decay(phantoms, tmp_path):
     """--time_budget_s through the config: a budget already spent after epoch 2 leaves one more epoch, lr -> 0."""
-    from flare23.training import TimeBudget
+    from flare23.training.resume import TimeBudget
 
     bundle = "tumor_seg"
     over = tiny(bundle, **TRAIN, dataset_dir=str(phantoms), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "runs"))
@@ -173,7 +173,7 @@ def test_lesion_balanced_sampling_is_wired_through_the_config(bundle, phantoms, 
     from monai.transforms import Compose
     from skimage.measure import label as components
 
-    from flare23.sampling import ClassComponentWeightsd, RandCropByLabelClassesFallbackd, RandRoiContextCropd
+    from flare23.models.sampling import ClassComponentWeightsd, RandCropByLabelClassesFallbackd, RandRoiContextCropd
 
     over = tiny(bundle, **TRAIN, dataset_dir=str(phantoms), ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "r"))
     off = workflow(bundle, ["train.json"], "train", **over).parser
@@ -228,7 +228,7 @@ def test_command_line_booleans_are_read_as_booleans(bundle, phantoms, tmp_path):
 
 
 def test_evaluate_matches_flare_evaluation_of_saved_predictions(trained, tmp_path):
-    from flare23.evaluation import score_case
+    from flare23.evaluation.evaluate import score_case
 
     bundle = trained["bundle"]
     out = tmp_path / "eval"
@@ -432,11 +432,11 @@ def test_configs_read_the_constants(tmp_path):
             r = get("crop_ratios")
             assert r[C.TUMOR_ID] == sum(r[c] for c in C.ORGAN_IDS)  # half of the patches tumor-centred
         # train.json and inference.json build the same network (the pipeline reuses inference.json's); inference
-        # builds it through flare23.trained.trained_network, which follows the checkpoint's recorded settings
+        # builds it through flare23.models.trained.trained_network, which follows the checkpoint's recorded settings
         q = ConfigParser()
         q.read_config(str(configs(bundle) / "inference.json"))
         inference = dict(q.get("network_def"))
-        assert inference.pop("_target_") == "flare23.trained.trained_network" and inference.pop("settings") == "@trained"
+        assert inference.pop("_target_") == "flare23.models.trained.trained_network" and inference.pop("settings") == "@trained"
         assert {"_target_": inference.pop("network"), **inference} == p.get("network_def")
 
 
@@ -512,7 +512,7 @@ def test_ct_normalized_equals_monai_clip_then_zscore():
     from monai.data import MetaTensor
     from monai.transforms import Compose, NormalizeIntensityd, ScaleIntensityRanged
 
-    from flare23.transforms import CTNormalize, CTNormalized
+    from flare23.models.transforms import CTNormalize, CTNormalized
 
     fp = C.FINGERPRINT_DEFAULTS["organ"]
     rng = np.random.default_rng(0)
@@ -542,14 +542,14 @@ def test_atomic_writer_and_case_names(tmp_path):
     from monai.data import MetaTensor
     from monai.transforms import SaveImaged
 
-    from flare23.transforms import case_name_formatter
+    from flare23.models.transforms import case_name_formatter
 
     affine = torch.tensor([[-2.0, 0, 0, 10], [0, -2.0, 0, 20], [0, 0, 3.0, -5], [0, 0, 0, 1]], dtype=torch.float64)
     data = torch.arange(4 * 5 * 6).reshape(1, 4, 5, 6) % 15
     pred = MetaTensor(data, affine=affine, meta={"filename_or_obj": "/x/case_0007_0000.nii.gz"})
     saver = SaveImaged(
         "pred", output_dir=str(tmp_path), output_postfix="", output_dtype=np.uint8, resample=False, separate_folder=False,
-        output_name_formatter=case_name_formatter, writer="flare23.transforms.AtomicNibabelWriter",
+        output_name_formatter=case_name_formatter, writer="flare23.models.transforms.AtomicNibabelWriter",
     )  # fmt: skip
     saver({"pred": pred})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case_0007.nii.gz"]
@@ -573,7 +573,7 @@ def _bundle_network(bundle: str, filters):
 
 
 def test_transfer_initialises_the_tumor_model_from_the_organ_model(tmp_path):
-    from flare23.training import load_weights
+    from flare23.training.checkpoints import load_weights
 
     torch.manual_seed(0)
     organ, tumor = _bundle_network("organ_seg", [4, 4, 8, 8, 8, 8]), _bundle_network("tumor_seg", [4, 4, 8, 8, 8, 8])

@@ -8,7 +8,7 @@ import torch
 
 from flare23.constants import NUM_CLASSES, TUMOR_ID
 from flare23.errors import Flare23Error
-from flare23.losses import StackedDeepSupervisionLoss, WeightedDiceFocalLoss, class_weights
+from flare23.models.losses import StackedDeepSupervisionLoss, WeightedDiceFocalLoss, class_weights
 
 torch.set_num_threads(1)
 

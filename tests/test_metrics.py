@@ -1,4 +1,4 @@
-"""FLARE DSC / NSD (flare23.metrics) and the ignite metrics (flare23.handlers).
+"""FLARE DSC / NSD (flare23.evaluation.metrics) and the ignite metrics (flare23.evaluation.handlers).
 
 The independent reference is DeepMind's ``surface-distance`` package (test-only dependency) and,
 for the FLARE rules, a direct transcription of the organisers' per-class loop written here with it.
@@ -18,7 +18,14 @@ from surface_distance import lookup_tables as sd_tables
 
 from flare23.constants import FOREGROUND_IDS, LABEL_KEYS, NSD_TOLERANCE_MM, ORGAN_IDS, SLAB_RESTRICTED_IDS, TUMOR_ID
 from flare23.errors import Flare23Error
-from flare23.metrics import aggregate, dice, evaluate_case, normalized_surface_dice, surface_distances, surfel_area_table
+from flare23.evaluation.metrics import (
+    aggregate,
+    dice,
+    evaluate_case,
+    normalized_surface_dice,
+    surface_distances,
+    surfel_area_table,
+)
 
 # surface-distance 0.1 imports scipy.ndimage.filters / .morphology, deprecated aliases that still work
 pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")
@@ -204,7 +211,7 @@ def test_slab_prediction_outside_slab_and_single_slice_reference():
     ref = np.where(_tube(shape, 10, 20), AORTA, 0).astype(np.uint8)
     pred = np.where(_tube(shape, 19, 30), AORTA, 0).astype(np.uint8)  # only at and above the excluded top slice
     assert evaluate_case(ref, pred, (1, 1, 1), labels=(AORTA,))[AORTA] == (0.0, 0.0)
-    # Decision (flare23.metrics docstring): a reference in one slice leaves an empty slab -> 1, 1
+    # Decision (flare23.evaluation.metrics docstring): a reference in one slice leaves an empty slab -> 1, 1
     ref1 = np.where(_tube(shape, 12, 13), AORTA, 0).astype(np.uint8)
     assert evaluate_case(ref1, pred, (1, 1, 1), labels=(AORTA,))[AORTA] == (1.0, 1.0)
     # non-slab label on a single slice is scored normally
@@ -314,7 +321,7 @@ def _meta(arr, spacing):
 
 
 def test_flare_dsc_and_nsd_in_an_ignite_engine_match_evaluate_case():
-    from flare23.handlers import FlareDSC, FlareNSD
+    from flare23.evaluation.handlers import FlareDSC, FlareNSD
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(21)
@@ -348,7 +355,7 @@ def test_flare_dsc_and_nsd_in_an_ignite_engine_match_evaluate_case():
 
 
 def test_flare_dsc_batched_label_maps_and_warning_without_spacing():
-    from flare23.handlers import FlareDSC, FlareNSD
+    from flare23.evaluation.handlers import FlareDSC, FlareNSD
 
     rng = np.random.default_rng(22)
     pairs = [random_label_pair(rng, (20, 18, 16)) for _ in range(3)]
@@ -379,7 +386,7 @@ def test_flare_dsc_batched_label_maps_and_warning_without_spacing():
 
 
 def _ddp_worker(local_rank, results):
-    from flare23.handlers import FlareDSC
+    from flare23.evaluation.handlers import FlareDSC
 
     rng = np.random.default_rng(31)
     pairs = [random_label_pair(rng, (16, 14, 12)) for _ in range(4)]
@@ -418,7 +425,7 @@ def test_flare_dsc_as_key_metric_of_a_monai_evaluator():
     from monai.handlers import from_engine
     from monai.inferers import SimpleInferer
 
-    from flare23.handlers import FlareDSC
+    from flare23.evaluation.handlers import FlareDSC
 
     rng = np.random.default_rng(23)
     pairs = [random_label_pair(rng, (20, 16, 12)) for _ in range(4)]

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from flare23.constants import FILTERS, LABELS, NUM_CLASSES
-from flare23.networks import ROI_FILTERS
+from flare23.models.networks import ROI_FILTERS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "monailabel" / "run_monailabel.py"
@@ -195,7 +195,7 @@ def test_the_served_networks_have_the_trained_tiny_widths(served):
             assert entry["filters"][part] == entry["recorded_filters"][part] == TINY_FILTERS[sub], (bundle, part)
             assert entry["first_conv_out"][part] == TINY_FILTERS[sub][0], (bundle, part)
     assert networks["pipeline"]["state_values"] == sum(networks[b]["state_values"] for b in SUB_BUNDLES)
-    # the server itself: each network_def built as its checkpoint records (flare23.trained logs it only when that
+    # the server itself: each network_def built as its checkpoint records (flare23.models.trained logs it only when that
     # differs from the config's default network), and every model.pt loaded with matching keys (MONAI Label loads
     # with strict=False and warns on a key mismatch; a shape mismatch would have failed the request)
     server_log = Path(served["summary"]["server_log"]).read_text(errors="replace")

@@ -10,7 +10,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import DynUNet
 
 from flare23 import constants
-from flare23.networks import NnDynUNet, count_parameters
+from flare23.models.networks import NnDynUNet, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -93,10 +93,10 @@ def test_outputs_and_gradients(which):
 
 @pytest.mark.parametrize("bundle", ["organ_seg", "tumor_seg"])
 def test_bundle_network_can_be_switched_from_the_command_line(bundle):
-    """``--network_def#_target_ flare23.networks.NnDynUNet`` builds the bundle's network with nnU-Net's kernels."""
+    """``--network_def#_target_ flare23.models.networks.NnDynUNet`` builds the bundle's network with nnU-Net's kernels."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
-    parser["network_def#_target_"] = "flare23.networks.NnDynUNet"
+    parser["network_def#_target_"] = "flare23.models.networks.NnDynUNet"
     parser["network_def#filters"] = list(FILTERS)
     parser["device"] = "$torch.device('cpu')"
     net = parser.get_parsed_content("network")

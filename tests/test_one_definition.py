@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd
 
-from flare23 import roi as roi_lib
 from flare23.bundles import SubBundle
-from flare23.inference import CascadeInferer, branch_from_bundle
+from flare23.data.grids import reorient
+from flare23.data.spacing import ResampleToSpacing, ResampleToSpacingd, resampled_affine, target_shape
+from flare23.inference.branches import branch_from_bundle
+from flare23.inference.cascade import CascadeInferer
 from flare23.io import voxel_spacing
-from flare23.spacing import ResampleToSpacing, ResampleToSpacingd, resampled_affine, target_shape
+from flare23.roi.geometry import ras_affine
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -91,8 +93,8 @@ def test_the_cascades_network_input_equals_the_bundles_own_preprocessing_on_a_re
 
     branch = branch_from_bundle(sub, name)
     crop_t = torch.as_tensor(np.asarray(nib.load(str(path)).dataobj))
-    ras = roi_lib.ras_affine(crop_affine, crop_t.shape)
-    crop_ras = roi_lib.reorient(crop_t, crop_affine, ras)
+    ras = ras_affine(crop_affine, crop_t.shape)
+    crop_ras = reorient(crop_t, crop_affine, ras)
     cascade_input, _ = CascadeInferer._prepare(branch, crop_ras, tuple(float(v) for v in voxel_spacing(ras)), torch.device("cpu"))
 
     assert tuple(cascade_input.shape[1:]) == tuple(bundle_input.shape)
@@ -104,8 +106,8 @@ def test_the_cascades_network_input_equals_the_bundles_own_preprocessing_on_a_re
 def test_the_cascade_never_normalises_the_shared_crop_in_place():
     """A float32 crop already on a branch's grid is that branch's input as it is: normalising it in place would
     hand the other branch a normalised crop (a silent wrong answer). A resampled volume is normalised in place."""
-    from flare23.inference import Branch
-    from flare23.transforms import CTNormalize
+    from flare23.inference.branches import Branch
+    from flare23.models.transforms import CTNormalize
 
     gen = torch.Generator().manual_seed(3)
     crop = (torch.rand((16, 12, 10), generator=gen) * 2000 - 1000).float()

@@ -9,8 +9,9 @@ import torch
 
 from flare23.bundles import SubBundle
 from flare23.errors import Flare23Error
-from flare23.inference import CascadeNetworks, pack_checkpoints
-from flare23.training import load_weights
+from flare23.inference.branches import CascadeNetworks
+from flare23.inference.weights import pack_checkpoints
+from flare23.training.checkpoints import load_weights
 
 ROOT = Path(__file__).resolve().parents[1] / "bundles"
 OVR = {

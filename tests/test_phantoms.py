@@ -1,4 +1,4 @@
-"""Tests of the synthetic FLARE-like phantom generator (flare23.phantoms, ``flare23 phantoms``)."""
+"""Tests of the synthetic FLARE-like phantom generator (flare23.tools.phantoms, ``flare23 phantoms``)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,26 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from flare23 import phantoms as P
 from flare23.constants import IMAGE_SUFFIX, LABEL_KEYS, ORGAN_IDS, PARTIAL_FIVE_ORGANS, TUMOR_ID
 from flare23.errors import Flare23Error
 from flare23.io import case_name, strip_nifti_suffix
+from flare23.tools.phantoms.anatomy import (
+    BONE_MATERIALS,
+    MATERIALS,
+    PARTIAL_PROPORTIONS,
+    PSEUDO_ERROR_PROBS,
+    PSEUDO_MISSED_FRACTION,
+    PSEUDO_SMALL_ORGANS,
+    SCAN_RANGES,
+    TUMOR_DIAMETER_MM,
+    TUMOR_FRACTION,
+)
+from flare23.tools.phantoms.cases import _sample_case
+from flare23.tools.phantoms.generate import case_seed, generate_phantoms, make_phantom
 
 LIVER, RKID, SPLEEN, PANC, AORTA, IVC, RADR, LADR, GB, ESO, STOM, DUOD, LKID = ORGAN_IDS
-M = P.MATERIALS
-TUMOR_DIAMETER = P.TUMOR_DIAMETER_MM
+M = MATERIALS
+TUMOR_DIAMETER = TUMOR_DIAMETER_MM
 
 
 def _files(root: Path) -> list[str]:
@@ -40,9 +52,9 @@ def _load(path: Path):
 
 
 def test_same_seed_gives_identical_bytes_any_workers_and_another_seed_differs(tmp_path):
-    a = P.generate_phantoms(tmp_path / "a", cases=3, seed=11, size="tiny", workers=1)
-    b = P.generate_phantoms(tmp_path / "b", cases=3, seed=11, size="tiny", workers=2)
-    c = P.generate_phantoms(tmp_path / "c", cases=3, seed=12, size="tiny")
+    a = generate_phantoms(tmp_path / "a", cases=3, seed=11, size="tiny", workers=1)
+    b = generate_phantoms(tmp_path / "b", cases=3, seed=11, size="tiny", workers=2)
+    c = generate_phantoms(tmp_path / "c", cases=3, seed=12, size="tiny")
     names = _files(a)
     assert names == _files(b) == _files(c)
     assert len([n for n in names if n.endswith(".nii.gz")]) == 12
@@ -60,13 +72,13 @@ def test_same_seed_gives_identical_bytes_any_workers_and_another_seed_differs(tm
 
 
 def test_make_phantom_is_deterministic_and_orientation_only_relabels_axes():
-    r1 = P.make_phantom(5, "tiny", orientation="RAS")
-    r2 = P.make_phantom(5, "tiny", orientation="RAS")
+    r1 = make_phantom(5, "tiny", orientation="RAS")
+    r2 = make_phantom(5, "tiny", orientation="RAS")
     for key in ("image", "label", "partial", "pseudo", "tissue", "organs"):
         assert np.array_equal(r1[key], r2[key]), key
     assert r1["meta"] == r2["meta"]
     for code in ("LPS", "LAS"):
-        o = P.make_phantom(5, "tiny", orientation=code)
+        o = make_phantom(5, "tiny", orientation=code)
         assert nib.aff2axcodes(o["affine"]) == tuple(code)
         # back to RAS with nibabel: the same voxels at the same world positions
         ornt = nib.orientations.io_orientation(o["affine"])
@@ -124,8 +136,8 @@ def test_layout_datalist_and_headers(tiny_phantoms):
 def test_written_files_equal_make_phantom_output(tiny_phantoms):
     root = Path(tiny_phantoms)
     meta = json.loads((root / "phantoms.json").read_text())["cases"][1]
-    assert meta["seed"] == P.case_seed(0, 1)
-    ph = P.make_phantom(
+    assert meta["seed"] == case_seed(0, 1)
+    ph = make_phantom(
         meta["seed"],
         "tiny",
         tumor=bool(meta["tumors"]),
@@ -148,7 +160,7 @@ def test_written_files_equal_make_phantom_output(tiny_phantoms):
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "LAS"])
 def test_organs_present_and_in_their_place_in_patient_coordinates(orientation):
     for seed in range(4):
-        ph = P.make_phantom(100 + seed, "tiny", orientation=orientation)
+        ph = make_phantom(100 + seed, "tiny", orientation=orientation)
         lab, org, aff, tis = ph["label"], ph["organs"], ph["affine"], ph["tissue"]
         assert nib.aff2axcodes(aff) == tuple(orientation)
         present = set(np.unique(lab).tolist())
@@ -180,12 +192,12 @@ def test_organs_present_and_in_their_place_in_patient_coordinates(orientation):
 
 def test_every_organ_present_in_small_and_full_sizes():
     for seed in (1, 2):
-        ph = P.make_phantom(seed, "small")
+        ph = make_phantom(seed, "small")
         assert set(ORGAN_IDS) <= set(np.unique(ph["label"]).tolist())
         counts = np.bincount(ph["label"].ravel(), minlength=15)
         assert ph["meta"]["label_voxels"] == {LABEL_KEYS[i]: int(counts[i]) for i in range(1, 15)}
     # full size: 512 x 512, realistic spacings (8 slices only, to stay fast)
-    ph = P.make_phantom(4, "full", slices=8)
+    ph = make_phantom(4, "full", slices=8)
     m = ph["meta"]
     assert ph["image"].shape[:2] == (512, 512) and ph["image"].shape[2] == 8 and ph["image"].dtype == np.int16
     assert 0.6 <= m["spacing"][0] == m["spacing"][1] <= 1.0 and 0.8 <= m["spacing"][2] <= 5.0
@@ -195,23 +207,23 @@ def test_every_organ_present_in_small_and_full_sizes():
 
 
 def test_geometry_varies_like_flare():
-    full = [P._sample_case(s, "full") for s in range(120)]
+    full = [_sample_case(s, "full") for s in range(120)]
     inplane = np.array([c["spacing"][0] for c in full])
     thick = np.array([c["spacing"][2] for c in full])
     assert inplane.min() >= 0.6 and inplane.max() <= 1.0 and inplane.max() - inplane.min() > 0.3
     assert thick.min() >= 0.8 and thick.max() <= 5.0 and len(set(thick.round(2))) >= 5
     assert {c["orientation"] for c in full} == {"RAS", "LPS", "LAS"}
-    assert {c["scan_range"] for c in full} == set(P.SCAN_RANGES)
+    assert {c["scan_range"] for c in full} == set(SCAN_RANGES)
     assert all(c["shape_ras"][:2] == (512, 512) for c in full)
     # the number of slices follows the scan range and the slice spacing
     for c in full:
         lo, hi = c["canonical_z"]
         assert abs((c["shape_ras"][2] - 1) * c["spacing"][2] - (hi - lo) * c["scale"][2]) <= c["spacing"][2] + 1e-6
-    assert P._sample_case(3, "full", slices=300)["shape_ras"][2] == 300
-    small = [P._sample_case(s, "small") for s in range(40)]
+    assert _sample_case(3, "full", slices=300)["shape_ras"][2] == 300
+    small = [_sample_case(s, "small") for s in range(40)]
     assert all(c["shape_ras"][:2] == (128, 128) and 40 <= c["shape_ras"][2] <= 80 for c in small)
     assert all(2.5 <= c["spacing"][0] <= 3.2 and 2.5 <= c["spacing"][2] <= 5.0 for c in small)
-    tiny = [P._sample_case(s, "tiny") for s in range(40)]
+    tiny = [_sample_case(s, "tiny") for s in range(40)]
     assert all(c["shape_ras"] == (64, 64, 32) and 4.0 <= c["spacing"][0] <= 7.0 for c in tiny)
 
 
@@ -224,7 +236,7 @@ def test_tumors_lie_inside_their_host_organ():
     cube = np.ones((3, 3, 3), bool)
     seen_hosts = set()
     for seed, size in [(s, "tiny") for s in range(6)] + [(0, "small"), (7, "small")]:
-        ph = P.make_phantom(seed, size, tumor=True)
+        ph = make_phantom(seed, size, tumor=True)
         tumors = ph["meta"]["tumors"]
         assert tumors, seed
         lab, org, img = ph["label"], ph["organs"], ph["image"]
@@ -256,7 +268,7 @@ def test_tumors_lie_inside_their_host_organ():
             diff = float(np.median(img[core])) - float(np.median(img[host]))
             assert np.sign(diff) == (-1 if t["kind"] == "hypo" else 1) and abs(diff) >= 10
     assert len(seen_hosts) >= 3
-    assert not (P.make_phantom(3, "tiny", tumor=False)["label"] == TUMOR_ID).any()
+    assert not (make_phantom(3, "tiny", tumor=False)["label"] == TUMOR_ID).any()
 
 
 def _median_eroded(img, mask):
@@ -267,8 +279,8 @@ def _median_eroded(img, mask):
 
 @pytest.mark.parametrize("phase", ["portal", "arterial"])
 def test_hounsfield_ranges_per_tissue(phase):
-    seed = next(s for s in range(50) if P._sample_case(s, "small")["phase"] == phase)
-    ph = P.make_phantom(seed, "small")
+    seed = next(s for s in range(50) if _sample_case(s, "small")["phase"] == phase)
+    ph = make_phantom(seed, "small")
     img, tis, lab = ph["image"].astype(float), ph["tissue"], ph["label"]
     assert ph["meta"]["phase"] == phase
     liver = _median_eroded(img, (tis == M["liver"]) & (lab == LIVER))
@@ -277,7 +289,7 @@ def test_hounsfield_ranges_per_tissue(phase):
     assert -120 <= _median_eroded(img, tis == M["fat"]) <= -60
     assert -120 <= _median_eroded(img, tis == M["visceral_fat"]) <= -60
     assert _median_eroded(img, tis == M["gas"]) < -800
-    assert _median_eroded(img, np.isin(tis, P.BONE_MATERIALS)) > 300
+    assert _median_eroded(img, np.isin(tis, BONE_MATERIALS)) > 300
     assert 0 <= _median_eroded(img, lab == GB) <= 30
     assert 30 <= _median_eroded(img, tis == M["muscle"]) <= 70
     assert _median_eroded(img, tis == M["air"]) < -950
@@ -304,14 +316,14 @@ def test_hounsfield_ranges_per_tissue(phase):
 
 def test_partial_and_pseudo_labels_in_the_stated_proportions(tmp_path):
     n = 40
-    root = P.generate_phantoms(tmp_path / "ds", cases=n, seed=3, size="tiny")
+    root = generate_phantoms(tmp_path / "ds", cases=n, seed=3, size="tiny")
     metas = json.loads((root / "phantoms.json").read_text())["cases"]
     kinds = [m["partial_kind"] for m in metas]
-    for kind, p in P.PARTIAL_PROPORTIONS.items():
+    for kind, p in PARTIAL_PROPORTIONS.items():
         assert abs(kinds.count(kind) - p * n) <= 1, kind
-    assert sum(bool(m["tumors"]) for m in metas) == round(P.TUMOR_FRACTION * n)
+    assert sum(bool(m["tumors"]) for m in metas) == round(TUMOR_FRACTION * n)
     assert all(m["tumors"] for m in metas if m["partial_kind"] == "tumor")  # tumor-only annotations have a tumor
-    assert sum(m["pseudo_missed"] is not None for m in metas) == round(P.PSEUDO_MISSED_FRACTION * n)
+    assert sum(m["pseudo_missed"] is not None for m in metas) == round(PSEUDO_MISSED_FRACTION * n)
     assert sum(m["validation"] for m in metas) == round(0.2 * n)
     errors = {"none": 0, "erode": 0, "dilate": 0}
     for m in metas:
@@ -333,7 +345,7 @@ def test_partial_and_pseudo_labels_in_the_stated_proportions(tmp_path):
             ref = (lab == lab_id) & ~tumor
             got = (pseudo == lab_id) & ~tumor
             if err == "missed":
-                assert lab_id in P.PSEUDO_SMALL_ORGANS and not (pseudo == lab_id).any()
+                assert lab_id in PSEUDO_SMALL_ORGANS and not (pseudo == lab_id).any()
                 assert m["pseudo_missed"] == LABEL_KEYS[lab_id]
                 continue
             errors[err] += 1
@@ -344,7 +356,7 @@ def test_partial_and_pseudo_labels_in_the_stated_proportions(tmp_path):
             else:
                 assert got.sum() > ref.sum() and np.all(got[ref])
     total = sum(errors.values())
-    for err, p in P.PSEUDO_ERROR_PROBS.items():
+    for err, p in PSEUDO_ERROR_PROBS.items():
         assert abs(errors[err] / total - p) < 0.1, (err, errors)
 
 
@@ -381,10 +393,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "size" in capsys.readouterr().err
     for kwargs in ({"cases": 0}, {"tumor_fraction": 1.5}, {"validation_fraction": -0.1}, {"workers": 0}, {"slices": 1}):
         with pytest.raises(Flare23Error) as e:
-            P.generate_phantoms(tmp_path / "bad", **{"size": "tiny", **kwargs})
+            generate_phantoms(tmp_path / "bad", **{"size": "tiny", **kwargs})
         assert len(str(e.value).splitlines()) == 1 and next(iter(kwargs)) in str(e.value)
     with pytest.raises(Flare23Error, match="orientation"):
-        P.make_phantom(0, "tiny", orientation="RPI")
+        make_phantom(0, "tiny", orientation="RPI")
     with pytest.raises(Flare23Error, match="partial_kind"):
-        P.make_phantom(0, "tiny", partial_kind="some")
+        make_phantom(0, "tiny", partial_kind="some")
     assert not (tmp_path / "bad" / "imagesTr").exists() or not list((tmp_path / "bad" / "imagesTr").iterdir())

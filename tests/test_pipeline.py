@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from flare23.inference import Branch, CascadeInferer, CascadeNetworks, ReadCased, SaveLabeld
+from flare23.inference.branches import Branch, CascadeNetworks
+from flare23.inference.cascade import CascadeInferer
+from flare23.inference.cases import ReadCased, SaveLabeld
 
 THRESHOLD_HU = 150.0
 AORTA = 5
@@ -223,7 +225,7 @@ def test_windows_past_a_small_crop_are_padded_as_in_training():
     # validates with MONAI's sliding window, which pads with 0 too. Instance norm makes every
     # voxel's prediction depend on the padding, so inference must pad alike: with air (the crop's
     # minimum) the organ DSC of the short phantom training fell from 0.766 to 0.752 (issue 6).
-    from flare23.inference import StageTimer
+    from flare23.inference.cascade import StageTimer
 
     crop = torch.full((1, 1, 20, 40, 10), 2.5)
     crop[..., :3] = -4.0  # the crop's minimum: not what the padding may be

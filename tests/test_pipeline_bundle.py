@@ -39,7 +39,7 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from flare23.phantoms import make_phantom
+    from flare23.tools.phantoms.generate import make_phantom
 
     d = tmp_path_factory.mktemp("pipeline_in")
     for seed, orientation in ((1, "RAS"), (2, "LPS")):
@@ -173,7 +173,7 @@ def test_the_same_scan_as_dicom_and_as_nifti_in_any_axis_order_gives_identical_l
     those must be the same voxels whatever the file's axis order (the ROI subsampling phase, the box,
     the crop's RAS grid, the model grids from spacings rounded to 1e-5 mm, the way back).
     """
-    from flare23.readers import list_cases, read_case
+    from flare23.data.readers import list_cases, read_case
 
     [case] = list_cases(real_dicom_dir / "dicom")
     array, affine, _ = read_case(case)
@@ -206,7 +206,7 @@ def test_post_processing_lists_and_fraction_are_pipeline_ids(inputs, tmp_path):
 
     The run with them equals the run without post-processing, cleaned up by hand with the same lists.
     """
-    from flare23.postprocess import postprocess
+    from flare23.inference.postprocess import postprocess
 
     src = sorted(inputs.iterdir())[0]  # the RAS phantom: the crop's C order is the file's
     assert nib.aff2axcodes(nib.load(str(src)).affine) == ("R", "A", "S")

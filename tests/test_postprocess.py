@@ -9,7 +9,7 @@ from monai.transforms import KeepLargestConnectedComponent
 from scipy import ndimage
 
 from flare23.constants import KEEP_LARGEST_IDS, NUM_CLASSES, REMOVE_SMALL_IDS, SMALL_COMPONENT_FRACTION, TUMOR_ID
-from flare23.postprocess import ensemble, postprocess
+from flare23.inference.postprocess import ensemble, postprocess
 
 FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity for scipy
 

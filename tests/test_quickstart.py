@@ -52,8 +52,9 @@ def _listing(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from flare23 import quickstart as qs
-    from flare23.quickstart import quickstart_cli
+    import flare23.tools.quickstart as qs
+    from flare23.tools.quickstart import quickstart_cli
+    from flare23.tools.quickstart_steps import train_bundle
 
     trained_on = {}  # bundle -> (dataset_dir, datalist) that the quickstart gave its training
 
@@ -61,7 +62,6 @@ def run(tmp_path_factory):
         trained_on[Path(bundle_dir).name] = (Path(dataset_dir), Path(datalist))
         return train_bundle(bundle_dir, dataset_dir, datalist, *args, **kwargs)
 
-    train_bundle = qs.train_bundle
 
     work = tmp_path_factory.mktemp("quickstart")
     bundles = work / "bundles"
@@ -117,7 +117,7 @@ def test_prints_metrics_table_matching_the_evaluation_summary(run):
     for c in C.FOREGROUND_IDS:  # one printed row per class with its DSC and NSD
         v = summary["per_class"][C.LABEL_KEYS[c]]
         assert re.search(rf"^{c} {re.escape(C.LABELS[c])}\s+{v['dsc']:.4f}\s+{v['nsd']:.4f}\s+2$", text, re.M), C.LABELS[c]
-    # organ means are the mean of the 13 organ class means (independent of flare23.metrics.aggregate)
+    # organ means are the mean of the 13 organ class means (independent of flare23.evaluation.metrics.aggregate)
     assert summary["organ_dsc"] == pytest.approx(np.mean([summary["per_class"][C.LABEL_KEYS[c]]["dsc"] for c in C.ORGAN_IDS]))
 
 
@@ -176,8 +176,8 @@ def test_training_used_the_merged_labels_of_the_data_tools(run):
 
 def test_checkpoints_are_weights_only_state_dicts_of_the_trained_networks(run):
     from flare23.bundles import SubBundle
-    from flare23.quickstart import PRESETS
-    from flare23.training import load_weights
+    from flare23.tools.quickstart import PRESETS
+    from flare23.training.checkpoints import load_weights
 
     for bundle in ("roi_extractor", "organ_seg", "tumor_seg"):
         ckpt = run["out"] / "checkpoints" / bundle
@@ -199,7 +199,7 @@ def test_checkpoints_are_weights_only_state_dicts_of_the_trained_networks(run):
 
 def test_report_pictures_and_paths(run):
     from flare23.io import load_nifti
-    from flare23.report import busiest_slice, panel_pixel, render_overlay, to_ras
+    from flare23.tools.report import busiest_slice, panel_pixel, render_overlay, to_ras
 
     out, text = run["out"], run["stdout"]
     report = out / "report" / "report.md"
@@ -272,7 +272,7 @@ def test_the_printed_command_segments_a_scan_as_the_quickstart_did(run, tmp_path
 def test_help_states_the_presets_defaults():
     from fire.helptext import HelpText
 
-    from flare23.quickstart import PRESETS, quickstart_cli
+    from flare23.tools.quickstart import PRESETS, quickstart_cli
 
     text = " ".join(HelpText(quickstart_cli).split())
     assert "Default: '~/flare23_quickstart'" in text
@@ -284,7 +284,8 @@ def test_help_states_the_presets_defaults():
 def test_default_output_folder_is_in_the_home_folder(tmp_path, monkeypatch):
     import inspect
 
-    from flare23.quickstart import DEFAULT_OUT, _prepare_out, quickstart, quickstart_cli
+    from flare23.tools.quickstart import quickstart, quickstart_cli
+    from flare23.tools.quickstart_output import DEFAULT_OUT, _prepare_out
 
     assert all(inspect.signature(f).parameters["out"].default == DEFAULT_OUT for f in (quickstart, quickstart_cli))
     home, cwd = tmp_path / "home", tmp_path / "cwd"
@@ -304,7 +305,7 @@ def test_nothing_written_outside_out(run):
 
 
 def test_refuses_foreign_or_earlier_output_folders(run, tmp_path):
-    from flare23.quickstart import quickstart_cli
+    from flare23.tools.quickstart import quickstart_cli
 
     with pytest.raises(Flare23Error, match="earlier quickstart.*--overwrite") as err:
         quickstart_cli(out=str(run["out"]), size="tiny", bundles_dir=str(run["bundles"]))
@@ -338,7 +339,7 @@ class _Counter:
 def test_training_guard_stops_at_an_epoch_end_and_validates_once(deadline_s, epochs, validations):
     from ignite.engine import Engine
 
-    from flare23.quickstart import _TrainingGuard
+    from flare23.tools.quickstart_steps import _TrainingGuard
 
     engine = Engine(lambda e, b: {"loss": 0.5})
     validator = _Counter()
@@ -370,7 +371,7 @@ def _lps_volume():
 
 
 def test_render_overlay_colours_orientation_and_aspect(tmp_path):
-    from flare23.report import CT_WINDOW, DEFAULT_ALPHA, LABEL_COLORS, panel_pixel, render_overlay
+    from flare23.tools.report import CT_WINDOW, DEFAULT_ALPHA, LABEL_COLORS, panel_pixel, render_overlay
 
     image, labels, affine = _lps_volume()
     layout = render_overlay(image, labels, affine, tmp_path / "axial.png", "axial", index=10)
@@ -407,7 +408,7 @@ def test_render_overlay_colours_orientation_and_aspect(tmp_path):
 
 
 def test_render_overlay_legend_names_present_labels_and_rejects_bad_input(tmp_path):
-    from flare23.report import busiest_slice, overlay_rgb, render_overlay
+    from flare23.tools.report import busiest_slice, overlay_rgb, render_overlay
 
     image, labels, affine = _lps_volume()
     layout = render_overlay(image, labels, affine, tmp_path / "a.png", "axial")
@@ -425,7 +426,7 @@ def test_render_overlay_legend_names_present_labels_and_rejects_bad_input(tmp_pa
 
 
 def test_median_stage_times(tmp_path):
-    from flare23.report import median_stage_times
+    from flare23.tools.report import median_stage_times
 
     rng = np.random.default_rng(0)
     values = {k: rng.uniform(0, 5, size=5).round(4) for k in ("roi", "organ_network", "total_s")}
@@ -440,7 +441,7 @@ def test_median_stage_times(tmp_path):
 
 @pytest.mark.parametrize("cpus, load", [(2, 5.0), (2, 0.1), (8, 3.2), (4, 9.0)])
 def test_default_threads_leave_busy_cores_alone(monkeypatch, cpus, load):
-    from flare23.quickstart import default_threads
+    from flare23.tools.quickstart_plan import default_threads
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's cores do not count ...
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)  # ... the process's do

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flare23.resample import linear_source_weights, resample_image, resample_labels
+from flare23.data.resample import linear_source_weights, resample_image, resample_labels
 
 torch.set_num_threads(1)
 
@@ -158,7 +158,7 @@ def test_cuda_matches_cpu_and_bounds_memory():
 
 # --- the uniform-cell shortcut ------------------------------------------------------------------
 def test_cell_labels_equal_a_brute_force_over_the_corners():
-    from flare23.resample import MIXED, cell_labels
+    from flare23.data.resample import MIXED, cell_labels
 
     probs = _probs((4, 6, 5, 7), seed=3)
     low = probs.argmax(0).numpy()
@@ -193,7 +193,7 @@ def test_exact_ties_go_to_the_lower_class_in_uniform_and_mixed_cells():
 
 
 def test_organ_like_probabilities_match_torch_and_most_cells_are_uniform():
-    from flare23.resample import MIXED, cell_labels
+    from flare23.data.resample import MIXED, cell_labels
 
     # Blobs of 15 classes at a model grid, softened like a network's output, upsampled about 1.2 x 1.2 x 3.
     g = torch.Generator().manual_seed(5)
@@ -211,7 +211,7 @@ def test_organ_like_probabilities_match_torch_and_most_cells_are_uniform():
 
 
 def test_noisy_and_clean_slices_in_one_volume_match_torch_whatever_the_block():
-    import flare23.resample as rs
+    import flare23.data.resample as rs
 
     # the first half of the slices is noise (mostly mixed cells: whole-slice path), the second half
     # one class (uniform cells), the border in between mixed voxel by voxel
@@ -228,7 +228,7 @@ def test_noisy_and_clean_slices_in_one_volume_match_torch_whatever_the_block():
 
 
 def test_results_do_not_depend_on_the_mixed_voxel_chunk(monkeypatch):
-    import flare23.resample as rs
+    import flare23.data.resample as rs
 
     # noisy slices (whole-slice path), clean ones and a border, with the mixed voxels taken one
     # output slice at a time along every axis: identical labels to the default chunking
@@ -245,7 +245,7 @@ def test_results_do_not_depend_on_the_mixed_voxel_chunk(monkeypatch):
 
 
 def test_argmax_labels_match_torch_in_any_chunk_with_ties_to_the_lower_class():
-    from flare23.resample import argmax_labels
+    from flare23.data.resample import argmax_labels
 
     g = torch.Generator().manual_seed(4)
     probs = torch.randint(0, 3, (6, 7, 5, 4), generator=g).half()  # many exact ties
@@ -260,7 +260,7 @@ def test_argmax_labels_match_torch_in_any_chunk_with_ties_to_the_lower_class():
 
 
 def test_whole_slice_groups_do_not_change_the_labels(monkeypatch):
-    import flare23.resample as rs
+    import flare23.data.resample as rs
 
     # noisy probabilities (every slice takes the whole-slice path), interpolated one slice per group
     g = torch.Generator().manual_seed(13)

@@ -31,14 +31,9 @@ from monai.handlers import CheckpointSaver
 
 from flare23 import constants as C
 from flare23.errors import Flare23Error
-from flare23.training import (
-    CorruptCheckpointError,
-    ResumeFromLast,
-    SafeCheckpointSaver,
-    interrupted_saves,
-    list_checkpoints,
-    torch_load_safe,
-)
+from flare23.training.checkpoints import CorruptCheckpointError, interrupted_saves, list_checkpoints, torch_load_safe
+from flare23.training.resume import ResumeFromLast
+from flare23.training.savers import SafeCheckpointSaver
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,11 +21,13 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from flare23 import roi
 from flare23.constants import LABELS, ROI_MIRROR_AXES, ROI_NUM_CLASSES
 from flare23.io import case_name, load_nifti
-from flare23.networks import LightUNet
-from flare23.training import load_weights
+from flare23.models.networks import LightUNet
+from flare23.roi.box import locate, upsample_mask
+from flare23.roi.coverage import box_coverage
+from flare23.roi.geometry import roi_labels, subsample
+from flare23.training.checkpoints import load_weights
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +138,7 @@ def test_training_writes_checkpoints_and_best_model(trained):
     ckpt = trained["ckpt"]
     assert (ckpt / "checkpoint_epoch=1.pt").is_file() and (ckpt / "model.pt").is_file()
     state = torch.load(ckpt / "model.pt", weights_only=True)
-    assert set(state) == {"model", "settings"}  # the network's state dict and what inference needs (flare23.trained)
+    assert set(state) == {"model", "settings"}  # the network's state dict and what inference needs (flare23.models.trained)
     assert not any(k.startswith("module.") for k in state["model"])  # a plain state dict of the network
     assert state["settings"]["network"]["filters"] == FILTERS and state["settings"]["model"] == "roi"
     tiny_net(ckpt / "model.pt")  # strict load into the tiny network
@@ -198,8 +200,8 @@ def test_inference_writes_masks_and_boxes_in_the_input_geometry(trained, tmp_pat
         assert mask_img.shape == arr.shape and mask_img.get_data_dtype() == np.uint8
         np.testing.assert_allclose(mask_img.affine, affine, atol=1e-4)
         # the bundle's default mirrored pass (RAS axes) is locate's mirror_axes
-        box, mask_sub, strides, offsets = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
-        expected = roi.upsample_mask(mask_sub, strides, arr.shape, offsets).numpy()
+        box, mask_sub, strides, offsets = locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
+        expected = upsample_mask(mask_sub, strides, arr.shape, offsets).numpy()
         np.testing.assert_array_equal(np.asarray(mask_img.dataobj), expected)
         info = json.loads((out / f"{case_name(image)}_roi_box.json").read_text())
         assert info["source"] == str(image)
@@ -240,12 +242,12 @@ def test_evaluate_reports_dice_and_box_coverage(trained, tmp_path):
     for item in datalist:
         arr, affine, _ = load_nifti(trained["data"] / item["image"])
         label, _, _ = load_nifti(trained["data"] / item["label"])
-        box, mask_sub, strides, offsets = roi.locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
-        ref = roi.roi_labels(roi.subsample(label, strides, offsets)).bool()
+        box, mask_sub, strides, offsets = locate(net, arr, affine, return_mask=True, mirror_axes=ROI_MIRROR_AXES)
+        ref = roi_labels(subsample(label, strides, offsets)).bool()
         pred = mask_sub.bool()
         g, p = int(ref.sum()), int(pred.sum())
         dices.append(1.0 if g == p == 0 else 2 * int((ref & pred).sum()) / (g + p))
-        coverages.append(roi.box_coverage(box, label))
+        coverages.append(box_coverage(box, label))
     assert metrics["val_roi_dice"] == pytest.approx(np.mean(dices), abs=1e-6)
     assert metrics["val_box_coverage_mean"] == pytest.approx(np.mean(coverages), abs=1e-6)
     assert metrics["val_box_coverage_min"] == pytest.approx(min(coverages), abs=1e-6)

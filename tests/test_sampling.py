@@ -12,7 +12,13 @@ from monai.transforms import RandCropByLabelClassesd
 
 from flare23.constants import NUM_CLASSES, ORGAN_IDS, TUMOR_ID
 from flare23.errors import Flare23Error
-from flare23.sampling import RandCropByLabelClassesFallbackd, RandRoiContextCropd, effective_ratios, organ_ratios, tumor_ratios
+from flare23.models.sampling import (
+    RandCropByLabelClassesFallbackd,
+    RandRoiContextCropd,
+    effective_ratios,
+    organ_ratios,
+    tumor_ratios,
+)
 
 torch.set_num_threads(1)
 PATCH = (4, 4, 4)
@@ -267,7 +273,7 @@ def three_lesions(shape=(40, 40, 24)) -> tuple[np.ndarray, list[np.ndarray]]:
 def _lesion_shares(lab, masks, weights_on: bool, draws: int = 3000, power: float = 1.0, max_samples=None):
     from monai.transforms import ClassesToIndicesd
 
-    from flare23.sampling import ClassComponentWeightsd
+    from flare23.models.sampling import ClassComponentWeightsd
 
     d = {"label": MetaTensor(torch.as_tensor(lab[None]))}
     d = ClassesToIndicesd("label", num_classes=NUM_CLASSES, indices_postfix="_cls_indices", max_samples_per_class=max_samples)(d)
@@ -306,7 +312,7 @@ def test_lesion_balance_stays_exact_when_class_indices_are_subsampled():
     balanced = _lesion_shares(lab, masks, weights_on=True, max_samples=100, draws=3000)
     from monai.transforms import ClassesToIndicesd
 
-    from flare23.sampling import ClassComponentWeightsd
+    from flare23.models.sampling import ClassComponentWeightsd
 
     d = ClassesToIndicesd("label", num_classes=NUM_CLASSES, indices_postfix="_cls_indices", max_samples_per_class=100)(
         {"label": MetaTensor(torch.as_tensor(lab[None]))}
@@ -325,7 +331,7 @@ def test_lesion_balance_stays_exact_when_class_indices_are_subsampled():
 def test_component_weights_against_direct_count_and_bad_indices():
     from scipy import ndimage
 
-    from flare23.sampling import component_weights
+    from flare23.models.sampling import component_weights
 
     rng = np.random.default_rng(0)
     lab = (rng.random((20, 20, 10)) < 0.08).astype(np.int16) * TUMOR_ID  # many scattered lesions
@@ -349,7 +355,7 @@ def test_component_weights_against_direct_count_and_bad_indices():
 def test_context_crop_keeps_weights_parallel_to_the_indices_it_maps():
     from monai.transforms import ClassesToIndicesd
 
-    from flare23.sampling import ClassComponentWeightsd, component_weights
+    from flare23.models.sampling import ClassComponentWeightsd, component_weights
 
     lab, masks = three_lesions(shape=(60, 60, 40))
     label = MetaTensor(torch.as_tensor(lab[None]), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
@@ -374,7 +380,7 @@ def test_context_crop_keeps_weights_parallel_to_the_indices_it_maps():
 
 
 def test_lesion_balance_off_is_monai_and_bad_settings_fail():
-    from flare23.sampling import ClassComponentWeightsd
+    from flare23.models.sampling import ClassComponentWeightsd
 
     lab, _ = three_lesions()
     d = {"label": MetaTensor(torch.as_tensor(lab[None]))}
@@ -401,7 +407,7 @@ def test_uniform_voxel_fallback_ignores_lesion_weights():
     """No voxel of the configured classes and no fallback ratios: a voxel drawn uniformly, weights or not."""
     from monai.transforms import ClassesToIndicesd
 
-    from flare23.sampling import ClassComponentWeightsd
+    from flare23.models.sampling import ClassComponentWeightsd
 
     lab = np.zeros((30, 30, 20), dtype=np.int16)
     lab[3:5, 3:5, 3:5] = 1  # 8 voxels

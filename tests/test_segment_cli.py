@@ -32,7 +32,7 @@ def _errors(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
-    from flare23.phantoms import make_phantom
+    from flare23.tools.phantoms.generate import make_phantom
 
     d = tmp_path_factory.mktemp("segment_in")
     case = make_phantom(3, size="tiny", orientation="LPS")
@@ -79,7 +79,8 @@ def test_a_mismatching_checkpoint_ends_with_one_line_and_exit_2_never_an_abort(p
 
 def test_the_weight_loader_is_joined_and_its_error_is_fatal_for_the_run(checkpoints):
     from flare23.bundles import SubBundle
-    from flare23.inference import CascadeNetworks, WeightsError
+    from flare23.inference.branches import CascadeNetworks
+    from flare23.inference.weights import WeightsError
 
     nets = CascadeNetworks(
         *(SubBundle(ROOT / "bundles" / b, "inference.json", {"network_def#filters": f}).network()
@@ -228,7 +229,7 @@ def test_sub_bundle_refuses_override_keys_its_config_does_not_define():
     margins = SubBundle(roi, "inference.json", {}).parser["margins_mm"]
     with pytest.raises(Flare23Error, match="margins_mm#zz"):  # a nested merge checks each sub-key
         SubBundle(roi, "inference.json", {"margins_mm": {next(iter(margins)): 1.0, "zz": 1.0}})
-    parser = ConfigParser({"a": {"b": [1, 2]}, "inferer": {"_target_": "flare23.inference.CascadeInferer", "block": 3}})
+    parser = ConfigParser({"a": {"b": [1, 2]}, "inferer": {"_target_": "flare23.inference.cascade.CascadeInferer", "block": 3}})
     for ok in ("a", "a#b", "a#b#1", "inferer#block", "inferer#precision"):
         check_id(parser, ok, "test")
     for bad, match in (("a#c", "'a#c'"), ("a#b#2", "list of 2"), ("x#y", "'x'"), ("inferer#blok", "did you mean 'block'")):
@@ -275,7 +276,7 @@ def test_every_command_prints_its_help(capsys):
 
 def test_messages_name_the_users_output_not_the_temporary_folder(tmp_path):
     from flare23.errors import Flare23Error
-    from flare23.segment import _user_paths
+    from flare23.inference.segment import _user_paths
 
     work = tmp_path / "out" / ".flare23-abc"
     dst = tmp_path / "out" / "a.1.nii.gz"

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
-from flare23.resample import StreamingLabels, resample_labels
-from flare23.sliding import sliding_window_slabs
+from flare23.data.resample import StreamingLabels, resample_labels
+from flare23.inference.sliding import sliding_window_slabs
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from flare23.errors import Flare23Error
-from flare23.training import ResumeFromLast, TimeBudget, set_horizon
+from flare23.training.resume import ResumeFromLast, TimeBudget, set_horizon
 
 
 class FakeClock:

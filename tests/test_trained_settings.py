@@ -22,16 +22,9 @@ import pytest
 import torch
 
 from flare23.errors import Flare23Error
-from flare23.trained import (
-    RecordedSettings,
-    TrainedSettings,
-    build_network,
-    network_spec,
-    read_settings,
-    same,
-    trained_network,
-    weights_files,
-)
+from flare23.inference.weights import weights_files
+from flare23.models.spec import build_network, network_spec, same
+from flare23.models.trained import RecordedSettings, TrainedSettings, read_settings, trained_network
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -70,7 +63,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """Phantoms, the three tiny trainings (subprocesses, ``--device cpu``) and one input case."""
-    from flare23.phantoms import generate_phantoms, make_phantom
+    from flare23.tools.phantoms.generate import generate_phantoms, make_phantom
 
     work = tmp_path_factory.mktemp("trained_settings")
     data = work / "phantoms"
@@ -261,7 +254,7 @@ def test_the_fine_bundles_own_inference_config_builds_the_trained_network_and_pr
 
 def raises_cause(pattern: str, call) -> None:
     """``call()`` fails with a :class:`Flare23Error` (MONAI's parser wraps it) whose message matches ``pattern``."""
-    from flare23.segment import user_error_in
+    from flare23.bundles import user_error_in
 
     with pytest.raises(Exception) as info:
         call()
@@ -306,7 +299,7 @@ def test_resume_refuses_a_run_whose_settings_contradict_the_checkpoint(trained):
 def test_network_spec_round_trips_the_three_network_classes_and_refuses_what_it_cannot_prove():
     from monai.networks.nets import DynUNet
 
-    from flare23.networks import LightUNet, NnDynUNet
+    from flare23.models.networks import LightUNet, NnDynUNet
 
     k, s = [[3, 3, 1], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [2, 2, 1], [2, 2, 2]]
     nets = [
@@ -333,7 +326,7 @@ def test_network_spec_round_trips_the_three_network_classes_and_refuses_what_it_
 
 
 def test_trained_network_without_settings_is_the_plain_class_and_weights_files_prefer_the_three(tmp_path):
-    net = trained_network(None, "flare23.networks.LightUNet", filters=[4, 8], encoder_depths=[1, 1], strides=[1, 2])
+    net = trained_network(None, "flare23.models.networks.LightUNet", filters=[4, 8], encoder_depths=[1, 1], strides=[1, 2])
     assert net.filters == (4, 8)
     empty = TrainedSettings(None)
     assert empty.get("patch_size", [1, 2, 3]) == [1, 2, 3] and empty.settings is None

@@ -9,7 +9,7 @@ from monai.networks.layers import GaussianFilter
 from monai.transforms import Rand3DElasticd
 
 from flare23.errors import Flare23Error
-from flare23.transforms import RandElastic3Dd
+from flare23.models.transforms import RandElastic3Dd
 
 
 def _case(shape=(40, 36, 20), seed=0):

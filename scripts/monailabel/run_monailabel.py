@@ -15,7 +15,7 @@ made from the pinned ``requirements.txt`` beside this file. The script, in order
 4. gives every copied bundle a ``models/model.pt``. By default (``--weights tiny``) each sub-bundle
    is trained for one tiny epoch through its own ``configs/train.json`` (``python -m monai.bundle
    run training`` in this environment, ``bundle_root`` = the copy, narrow ``network_def#filters``,
-   coarse spacing and small patches, on a few tiny phantoms from ``flare23.phantoms``): the
+   coarse spacing and small patches, on a few tiny phantoms from ``flare23.tools.phantoms``): the
    checkpoint records the settings it was trained with, and the copies' configs, byte-identical to
    the repository's, build the networks from them (CPU inference takes seconds). ``--weights repo``
    copies the repository's trained ``bundles/*/models/model.pt``; ``--weights random`` saves seeded
@@ -232,14 +232,14 @@ def train_tiny(model_dir: Path, work: Path, log: Log) -> dict:
     The three trainings run at once, one thread each (``python -m monai.bundle run training`` with this
     environment's Python, so the checkpoints are what this environment's flare23 writes).
     """
-    from flare23.phantoms import generate_phantoms
+    from flare23.tools.phantoms.generate import generate_phantoms
 
     root = work / "training"
     if root.exists():
         shutil.rmtree(root)
     phantoms = root / "phantoms"
     generate_phantoms(phantoms, **PHANTOMS)
-    log(f"training: {PHANTOMS['cases']} tiny phantoms (flare23.phantoms, seed {PHANTOMS['seed']}) -> {phantoms}")
+    log(f"training: {PHANTOMS['cases']} tiny phantoms (flare23.tools.phantoms, seed {PHANTOMS['seed']}) -> {phantoms}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     runs = {}
@@ -335,7 +335,7 @@ def make_weights(model_dir: Path, weights: str, work: Path, log: Log) -> dict:
             f"weights: {name}: RANDOM ({type(network).__name__}, {count} parameters, seed {SEED + i}) -> {target.relative_to(model_dir)}"
         )
     # `flare23 pack --bundles_dir <model_dir>`, in this process
-    from flare23.segment import pack_cli
+    from flare23.inference.segment import pack_cli
 
     pack_cli(bundles_dir=str(model_dir))
     packed = model_dir / "pipeline" / "models" / "model.pt"
@@ -509,7 +509,7 @@ def loaded_lines(server_log: Path) -> list[str]:
         "+++ Adding Inferer::",
         "+++ Adding Trainer::",
         "+++ Using Bundle Models",
-        "network built as recorded in the checkpoint",  # flare23.trained, while MONAI Label instantiates network_def
+        "network built as recorded in the checkpoint",  # flare23.models.trained, while MONAI Label instantiates network_def
         "Checkpoint keys don't match",  # MONAI Label, when it loads a model.pt that does not fit (it would go on)
     )
     return [line.strip() for line in server_log.read_text(errors="replace").splitlines() if any(k in line for k in keep)]

@@ -1,0 +1,1 @@
+"""Tooling beside the method: phantoms, quickstart, report."""
