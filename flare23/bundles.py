@@ -24,6 +24,36 @@ from pathlib import Path
 
 from flare23.errors import Flare23Error
 
+#: The project's ``bundles/`` folder beside the package (a clone run in place or installed with ``pip install -e .``).
+PACKAGE_BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def bundle_folder(name: str, cwd: str | os.PathLike | None = None) -> str:
+    """The default ``bundle_root`` of bundle ``name``'s configs: its folder, wherever MONAI is run from.
+
+    Model Zoo bundles are run from their own folder with ``bundle_root`` ``.`` (the Zoo's commands, and its
+    CI, which passes ``bundle_root`` itself), while this project's README runs every command from the
+    repository root (``--config_file bundles/organ_seg/configs/train.json``). A fixed string serves only
+    one of them, so each config's ``bundle_root`` is ``$flare23.bundles.bundle_folder('<name>')``:
+
+    1. ``cwd`` is the bundle's folder (named ``name``, with ``configs/metadata.json``): ``"."``;
+    2. ``cwd`` holds ``bundles/<name>`` (the repository root): ``"bundles/<name>"``;
+    3. else the ``bundles/<name>`` beside the installed package, as an absolute path;
+    4. else ``"."`` (MONAI's own default: a missing file is then reported under ``./configs``).
+
+    The first two are relative, as MONAI's own default is. A renamed bundle folder is rule 3 or 4: pass
+    ``--bundle_root .`` there. An explicit ``--bundle_root`` always wins over this default.
+    """
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    if here.resolve().name == name and (here / "configs" / "metadata.json").is_file():
+        return "."
+    if (here / "bundles" / name / "configs" / "metadata.json").is_file():
+        return f"bundles/{name}"
+    beside = PACKAGE_BUNDLES_DIR / name
+    if (beside / "configs" / "metadata.json").is_file():
+        return str(beside)
+    return "."
+
 
 def _closest(word: str, choices) -> str:
     match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)

@@ -44,6 +44,41 @@ FOREGROUND_IDS: tuple[int, ...] = ORGAN_IDS + (TUMOR_ID,)
 #: MONAI-style ``channel_def`` of the 15-channel models (metadata.json).
 CHANNEL_DEF: dict[str, str] = {str(i): n for i, n in LABELS.items()}
 
+#: SNOMED CT (scheme ``SCT``) codes of each label in a DICOM Segmentation, as ``(code value, code meaning)``:
+#: ``{id: (property category, property type, type modifier or None)}``. Categories come from DICOM CID 7150
+#: "Segmentation Property Categories", types from CID 7151 "Segmentation Property Types", the laterality
+#: modifier from CID 244 "Laterality" (DICOM codes "right kidney" as Kidney + Right); the values and
+#: meanings are those of pydicom's copy of the standard's code tables (tests/test_dicom_seg.py checks
+#: each against ``pydicom.sr.codedict.codes``). CID 7150 now codes "Anatomical Structure" as 91723000
+#: (older tools wrote 123037004, now SNOMED's "Body structure"); 49755003's meaning is "Morphologically
+#: Abnormal Structure" (formerly "Morphologically Altered Structure").
+SCT_ANATOMICAL_STRUCTURE = ("91723000", "Anatomical Structure")
+SCT_MORPHOLOGICALLY_ABNORMAL_STRUCTURE = ("49755003", "Morphologically Abnormal Structure")
+SCT_RIGHT = ("24028007", "Right")
+SCT_LEFT = ("7771000", "Left")
+LABEL_SNOMED: dict[int, tuple[tuple[str, str], tuple[str, str], tuple[str, str] | None]] = {
+    1: (SCT_ANATOMICAL_STRUCTURE, ("10200004", "Liver"), None),
+    2: (SCT_ANATOMICAL_STRUCTURE, ("64033007", "Kidney"), SCT_RIGHT),
+    3: (SCT_ANATOMICAL_STRUCTURE, ("78961009", "Spleen"), None),
+    4: (SCT_ANATOMICAL_STRUCTURE, ("15776009", "Pancreas"), None),
+    5: (SCT_ANATOMICAL_STRUCTURE, ("15825003", "Aorta"), None),
+    6: (SCT_ANATOMICAL_STRUCTURE, ("64131007", "Inferior vena cava"), None),
+    7: (SCT_ANATOMICAL_STRUCTURE, ("23451007", "Adrenal gland"), SCT_RIGHT),
+    8: (SCT_ANATOMICAL_STRUCTURE, ("23451007", "Adrenal gland"), SCT_LEFT),
+    9: (SCT_ANATOMICAL_STRUCTURE, ("28231008", "Gallbladder"), None),
+    10: (SCT_ANATOMICAL_STRUCTURE, ("32849002", "Esophagus"), None),
+    11: (SCT_ANATOMICAL_STRUCTURE, ("69695003", "Stomach"), None),
+    12: (SCT_ANATOMICAL_STRUCTURE, ("38848004", "Duodenum"), None),
+    13: (SCT_ANATOMICAL_STRUCTURE, ("64033007", "Kidney"), SCT_LEFT),
+    14: (SCT_MORPHOLOGICALLY_ABNORMAL_STRUCTURE, ("108369006", "Neoplasm"), None),
+}
+#: Display colour (RGB) of each label in a DICOM Segmentation (RecommendedDisplayCIELabValue) and in viewers.
+LABEL_COLORS_RGB: dict[int, tuple[int, int, int]] = {
+    1: (221, 130, 101), 2: (185, 102, 83), 3: (157, 108, 162), 4: (249, 180, 111), 5: (224, 97, 76),
+    6: (0, 151, 206), 7: (244, 186, 150), 8: (220, 160, 120), 9: (139, 150, 98), 10: (211, 171, 143),
+    11: (216, 132, 105), 12: (255, 225, 160), 13: (160, 90, 70), 14: (255, 255, 0),
+}  # fmt: skip
+
 #: Labels that FLARE's partial annotations carry in the "five organs + tumor" subset.
 PARTIAL_FIVE_ORGANS: tuple[int, ...] = (1, 2, 3, 4, 13)
 

@@ -153,6 +153,42 @@ def dicom_affine(rows: int, cols: int, pixel_spacing, step: float, first_positio
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+def _file_dataset(path: Path, sop_class: str, transfer_syntax=None):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def _study(ds, study_uid: str, series_uid: str, frame_uid: str | None, modality: str = "CT", series_number: int = 1) -> None:
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    if frame_uid:
+        ds.FrameOfReferenceUID = frame_uid
+    ds.Modality, ds.PatientName, ds.PatientID = modality, "Corpus^Case", "corpus"
+    ds.StudyDate = datetime.date(2024, 1, 1).strftime("%Y%m%d")
+    ds.SeriesNumber = series_number
+
+
+def _pixels(ds, frame: np.ndarray, compress: bool) -> None:
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.Rows, ds.Columns = frame.shape
+    frame = np.ascontiguousarray(frame.astype("<i2"))
+    if compress:  # JPEG 2000 lossless through pylibjpeg-openjpeg (needs at least 32 x 32 pixels)
+        from pydicom.uid import JPEG2000Lossless
+
+        ds.compress(JPEG2000Lossless, frame, encoding_plugin="pylibjpeg")
+    else:
+        ds.PixelData = frame.tobytes()
+
+
 def write_dicom_series(
     folder: Path,
     volume: np.ndarray,
@@ -161,40 +197,150 @@ def write_dicom_series(
     origin=(-20.0, -30.0, -300.0),
     prefix: str = "",
     modality: str = "CT",
+    suffix: str = "",
+    first_instance: int = 1,
+    jpeg2000: bool = False,
+    uids: dict | None = None,
+    blank_uids: bool = False,
 ) -> list[Path]:
-    """Uncompressed axial CT slices; ``volume`` is (rows, cols, slices) int16 HU; slice k at z = origin_z + k * step."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    """Axial CT slices; ``volume`` is (rows, cols, slices) int16 HU; slice k at z = origin_z + k * step.
+
+    Files are ``<prefix>slice<NNN><suffix>`` with names unrelated to the slice order; ``InstanceNumber``
+    counts from ``first_instance``; ``jpeg2000`` compresses the pixel data (lossless); ``uids`` gives
+    ``study`` / ``series`` / ``frame`` UIDs (else new ones); ``blank_uids`` writes empty study, series and SOP
+    instance UIDs, as some anonymisers do.
+    """
+    from pydicom.uid import CTImageStorage, JPEG2000Lossless, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid()
-    study_uid = generate_uid()
+    uids = dict(uids or {})
+    study_uid, series_uid = uids.get("study") or generate_uid(), uids.get("series") or generate_uid()
+    frame_uid = uids.get("frame") or generate_uid()
     rows, cols, n = volume.shape
     paths = []
     for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"{prefix}slice{(5 * k) % n:03d}"  # names unrelated to the slice order
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.Modality, ds.PatientName, ds.PatientID = modality, "Corpus^Case", "corpus"
-        ds.StudyDate = datetime.date(2024, 1, 1).strftime("%Y%m%d")
+        path = folder / f"{prefix}slice{(5 * k) % n:03d}{suffix}"  # names unrelated to the slice order
+        ds = _file_dataset(path, CTImageStorage, JPEG2000Lossless if jpeg2000 else None)
+        _study(ds, study_uid, series_uid, frame_uid, modality)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [float(origin[0]), float(origin[1]), float(origin[2] + k * step)]
         ds.PixelSpacing = [float(pixel_spacing[0]), float(pixel_spacing[1])]
         ds.SliceThickness = float(step)
+        ds.InstanceNumber = k + first_instance
+        _pixels(ds, volume[:, :, k], jpeg2000)
+        if blank_uids:
+            ds.StudyInstanceUID = ds.SeriesInstanceUID = ds.SOPInstanceUID = ""
+            ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # the file meta must stay valid
+        ds.save_as(path, enforce_file_format=not blank_uids)
+        paths.append(path)
+    return paths
+
+
+def series_uids(folder: Path) -> dict:
+    """``{"study", "series", "frame"}`` UIDs of a series written by :func:`write_dicom_series`."""
+    import pydicom
+
+    ds = pydicom.dcmread(next(p for p in sorted(Path(folder).iterdir()) if p.is_file()), stop_before_pixels=True)
+    return {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID, "frame": ds.get("FrameOfReferenceUID")}
+
+
+def write_structured_report(path: Path, uids: dict) -> Path:
+    """A Basic Text SR in the study of ``uids`` (its own series), as a scanner's dose report sits beside the images."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    ds = _file_dataset(path, "1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR Storage
+    _study(ds, uids["study"], generate_uid(), None, modality="SR", series_number=999)
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    name = Dataset()
+    name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "113701", "DCM", "X-Ray Radiation Dose Report"
+    ds.ConceptNameCodeSequence = [name]
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_localizer(path: Path, uids: dict, size: int = 24, same_series: bool = False) -> Path:
+    """A coronal CT localizer (scout, ``ImageType`` LOCALIZER) of the study of ``uids``."""
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    ds = _file_dataset(path, CTImageStorage)
+    _study(ds, uids["study"], uids["series"] if same_series else generate_uid(), uids.get("frame"), series_number=2)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.ImagePositionPatient = [-200.0, 0.0, 100.0]
+    ds.PixelSpacing = [2.0, 2.0]
+    ds.InstanceNumber = 1
+    _pixels(ds, np.full((size, size), 100, np.int16), compress=False)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_dicom_volume(folder: Path, array: np.ndarray, affine: np.ndarray, slice_axis: int = 0, flip_rows: bool = True,
+                       uids: dict | None = None) -> list[Path]:  # fmt: skip
+    """Write the RAS-affine volume ``array`` as a single-frame CT series sliced along array axis ``slice_axis``.
+
+    Of the two other axes, the first runs along the image rows (the DICOM column index, direction
+    ``ImageOrientationPatient[:3]``), the second down the columns, reversed when ``flip_rows`` (so that
+    slicing a RAS volume along x gives upright sagittal images: head at the top). Any orientation that
+    the affine's axes allow is written exactly: the series' geometry is the volume's.
+    """
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = dict(uids or {})
+    study_uid, series_uid = uids.get("study") or generate_uid(), uids.get("series") or generate_uid()
+    frame_uid = uids.get("frame") or generate_uid()
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
+    u, v = [a for a in range(3) if a != slice_axis]
+    su, sv = np.linalg.norm(lps[:3, u]), np.linalg.norm(lps[:3, v])
+    row_dir = lps[:3, u] / su
+    col_dir = (-1.0 if flip_rows else 1.0) * lps[:3, v] / sv
+    data = np.moveaxis(np.asarray(array), (v, u, slice_axis), (0, 1, 2))  # (rows, columns, slices)
+    if flip_rows:
+        data = data[::-1]
+    paths = []
+    for k in range(data.shape[2]):
+        path = folder / f"IM{k:05d}"
+        ds = _file_dataset(path, CTImageStorage)
+        _study(ds, study_uid, series_uid, frame_uid)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        index = np.zeros(4)
+        index[3], index[slice_axis] = 1.0, k
+        index[v] = data.shape[0] - 1 if flip_rows else 0
+        ds.ImageOrientationPatient = [float(x) for x in (*row_dir, *col_dir)]
+        ds.ImagePositionPatient = [float(x) for x in (lps @ index)[:3]]
+        ds.PixelSpacing = [float(sv), float(su)]
+        ds.SliceThickness = float(np.linalg.norm(lps[:3, slice_axis]))
         ds.InstanceNumber = k + 1
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-        ds.PixelData = np.ascontiguousarray(volume[:, :, k].astype("<i2")).tobytes()
+        _pixels(ds, data[:, :, k], compress=False)
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def copy_series_with_uids(src: Path, dst: Path) -> Path:
+    """Copy a DICOM series giving it the study, series and SOP instance UIDs a PACS would (pixel data untouched).
+
+    The real example series of ``../shared`` was anonymised with its UIDs blanked; a DICOM SEG must
+    reference its source by UID.
+    """
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    dst.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    for f in sorted(Path(src).iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPClassUID = ds.SOPClassUID or CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesNumber = 3
+        ds.save_as(dst / f.name, enforce_file_format=True)
+    return dst
 
 
 # --- the corpus of segment inputs ----------------------------------------------------------------
@@ -260,22 +406,54 @@ def image_corpus(folder: Path) -> dict[str, Kind]:
     # content and names
     nifti("head_only", head(), ras)
     nifti("odd_name", body(seed=4), ras, stem=ODD_NAME)
-    # DICOM series (sub-folders)
-    vol = body((24, 24, 8)).astype(np.int16)  # (rows, cols, slices)
-    good = folder / "dicom_good"
-    write_dicom_series(good, vol)
-    kinds["dicom_good"] = Kind(
-        "dicom_good", good, "dicom_good", VALID, (), (24, 24, 8), dicom_affine(24, 24, (1.5, 1.5), 2.5, (-20.0, -30.0, -300.0))
-    )
-    gap = folder / "dicom_missing_slice"
-    paths = write_dicom_series(gap, vol)
-    paths[3].unlink()  # paths are in slice order
-    kinds["dicom_missing_slice"] = Kind("dicom_missing_slice", gap, "dicom_missing_slice", ERROR, ("missing slice",))
-    mixed = folder / "dicom_mixed_series"
-    write_dicom_series(mixed, vol[:, :, :4])
-    write_dicom_series(mixed, vol[:, :, :4], origin=(-20.0, -30.0, -200.0), prefix="b_")
-    kinds["dicom_mixed_series"] = Kind("dicom_mixed_series", mixed, "dicom_mixed_series", ERROR, ("2 series",))
+    dicom_corpus(folder, kinds)
     return kinds
+
+
+def dicom_corpus(folder: Path, kinds: dict[str, Kind] | None = None) -> dict[str, Kind]:
+    """DICOM series as the field writes them, one sub-folder of ``folder`` each (case name = folder name).
+
+    Valid: ``.dcm`` names, no extension, ``InstanceNumber`` from 0, the origin at the image corner
+    (``ImagePositionPatient`` 0\\0\\0), JPEG 2000 pixel data, UIDs blanked by an anonymiser (fine for NIfTI; a
+    DICOM SEG refuses it). Warning: an SR or a localizer in the series folder (skipped, named). Error: a
+    missing slice, two image series in one folder (a file of each named).
+    """
+    folder = Path(folder)
+    kinds = {} if kinds is None else kinds
+    vol = body((24, 24, 8)).astype(np.int16)  # (rows, cols, slices)
+    geometry = ((24, 24, 8), dicom_affine(24, 24, (1.5, 1.5), 2.5, (-20.0, -30.0, -300.0)))
+
+    def series(name, expect=VALID, words=(), shape_affine=geometry, **kw):
+        path = folder / name
+        write_dicom_series(path, kw.pop("volume", vol), **kw)
+        shape, affine = shape_affine if expect != ERROR else (None, None)
+        kinds[name] = Kind(name, path, name, expect, tuple(words), shape, affine)
+        return path
+
+    series("dicom_good", suffix=".dcm")
+    series("dicom_no_extension", prefix="IM")
+    series("dicom_instance_0", first_instance=0)
+    series("dicom_origin_corner", origin=(0.0, 0.0, 0.0),
+           shape_affine=((24, 24, 8), dicom_affine(24, 24, (1.5, 1.5), 2.5, (0.0, 0.0, 0.0))))  # fmt: skip
+    big = body((64, 64, 6), seed=5)  # JPEG 2000 needs at least 32 x 32 pixels
+    series("dicom_jpeg2000", volume=big, jpeg2000=True,
+           shape_affine=((64, 64, 6), dicom_affine(64, 64, (1.5, 1.5), 2.5, (-20.0, -30.0, -300.0))))  # fmt: skip
+    series("dicom_blank_uids", blank_uids=True)
+    sr = series("dicom_with_sr", WARNING, ("skipped", "structured report", "RDSR"))
+    write_structured_report(sr / "RDSR", series_uids(sr))
+    scout = series("dicom_with_localizer", WARNING, ("skipped", "localizer", "SCOUT"))
+    write_localizer(scout / "SCOUT", series_uids(scout))
+    gap = series("dicom_missing_slice", ERROR, ("missing slice",))
+    sorted(gap.iterdir(), key=lambda p: _position(p))[3].unlink()
+    mixed = series("dicom_mixed_series", ERROR, ("holds 2 series", "b_slice000", "slice000"), volume=vol[:, :, :4])
+    write_dicom_series(mixed, vol[:, :, :4], origin=(-20.0, -30.0, -200.0), prefix="b_")
+    return kinds
+
+
+def _position(path: Path) -> float:
+    import pydicom
+
+    return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
 
 
 # --- label maps for evaluate and the data tools ----------------------------------------------------

@@ -32,8 +32,19 @@ head only (no abdomen)                 with trained weights the ROI is empty: al
                                        abdomen" (tested with a ROI network that predicts background everywhere)
 DICOM series with a missing slice      error "missing slice(s): gap of ... between <file> and <file>", names the
                                        series folder (a gap > 1.5 x the median spacing); uneven spacing is an error
-DICOM folder with two series           error "holds 2 series": guessing which one the user meant is worse
+DICOM folder with two image series     error "holds 2 series ...: <file> (series N, K files); <file> (...)", a file of
+                                       each named: guessing which one the user meant is worse
 DICOM Modality other than CT           valid output + warning
+DICOM files named *.dcm / no extension valid output (files are recognised by the DICM magic, never by their names)
+DICOM InstanceNumber counting from 0   valid output (slices are ordered by position along the normal, never by number)
+DICOM origin at the image corner       valid output with that geometry (ImagePositionPatient 0\\0\\0: no assumption
+                                       that the patient sits at the world origin)
+DICOM JPEG 2000 pixel data             valid output, the same values as uncompressed (pylibjpeg-openjpeg)
+DICOM UIDs blanked by an anonymiser    valid output (NIfTI); --format dicom-seg refuses it in one line naming the file
+                                       (a SEG must reference its source by UID), before any work (test_dicom_seg.py)
+DICOM SR in the series folder          valid output + warning "<file>: skipped, a structured report (SR), ..."
+DICOM localizer in the series folder   valid output + warning "<file>: skipped, a localizer (scout) image ..." (ImageType
+                                       LOCALIZER, in the same or another series; a second *image* series is an error)
 empty folder                           error "no NIfTI files or DICOM series found", before any work
 output path not writable               error "output folder is not writable", before any work, nothing created
 spaces and non-ASCII in the name       valid output with the same case name
@@ -87,7 +98,9 @@ TINY = ["--precision", "fp32", "--roi_overrides", ROI_TINY, "--organ_overrides",
 IMAGE_KINDS = (
     "truncated", "not_gzip", "garbage", "image_2d", "image_4d", "mr_like", "nan_inf", "constant", "smaller_than_patch",
     "single_slice", "slices_10mm", "slices_0_3mm", "oblique", "orient_RAS", "orient_LPS", "orient_LAS", "orient_RAI",
-    "zero_affine", "singular_affine", "head_only", "odd_name", "dicom_good", "dicom_missing_slice", "dicom_mixed_series",
+    "zero_affine", "singular_affine", "head_only", "odd_name", "dicom_good", "dicom_no_extension", "dicom_instance_0",
+    "dicom_origin_corner", "dicom_jpeg2000", "dicom_blank_uids", "dicom_with_sr", "dicom_with_localizer",
+    "dicom_missing_slice", "dicom_mixed_series",
 )  # fmt: skip
 
 
@@ -243,6 +256,25 @@ def test_gzip_despite_a_plain_nii_name(tmp_path):
     with pytest.warns(UserWarning, match="gzip-compressed despite"):
         data, affine, _ = load_nifti(odd)
     assert np.array_equal(data, body()) and np.allclose(affine, ras_affine())
+
+
+def test_dicom_field_variants_read_the_values_written(corpus):
+    """No extension, InstanceNumber from 0, origin at the corner, JPEG 2000, blank UIDs: the same voxels as written."""
+    from flare23.data.readers import Case, read_case
+
+    kinds = corpus[1]
+    for name, volume in (("dicom_no_extension", body((24, 24, 8))), ("dicom_instance_0", body((24, 24, 8))),
+                         ("dicom_origin_corner", body((24, 24, 8))), ("dicom_jpeg2000", body((64, 64, 6), seed=5)),
+                         ("dicom_blank_uids", body((24, 24, 8))), ("dicom_with_sr", body((24, 24, 8)))):  # fmt: skip
+        kind = kinds[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            array, affine, _ = read_case(Case(kind.case, kind.path, "dicom"))
+        # the corpus volume is (rows, cols, slices); the reader's axes are (cols, flipped rows, slices)
+        assert np.array_equal(array, volume.transpose(1, 0, 2)[:, ::-1]), name
+        assert np.allclose(affine, kind.affine), name
+    assert all(p.suffix == "" for p in kinds["dicom_no_extension"].path.iterdir())
+    assert all(p.suffix == ".dcm" for p in kinds["dicom_good"].path.iterdir())
 
 
 def test_dicom_modality_other_than_ct_warns(tmp_path):

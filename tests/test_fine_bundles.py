@@ -411,7 +411,9 @@ def test_configs_read_the_constants(tmp_path):
             assert [list(s) for s in get("network_def#strides")] == [list(s) for s in strides]
             assert [list(s) for s in get("network_def#upsample_kernel_size")] == [list(s) for s in strides[1:]]
             assert get("network_def#filters") == list(C.FILTERS)
-            assert get("network_def#res_block") and get("network_def#deep_supervision")
+            assert get("network_def#res_block")
+            # training has the deep-supervision heads (the loss uses them); inference is built without them (scriptable)
+            assert get("network_def#deep_supervision") is (name == "train.json")
             # a fingerprint file written by `flare23 fingerprint` replaces the defaults
             fp = tmp_path / f"{bundle}_fp.json"
             fp.write_text(json.dumps({MODEL[bundle]: {"clip_low": -100, "clip_high": 200, "mean": 10, "std": 50}}))
@@ -431,13 +433,14 @@ def test_configs_read_the_constants(tmp_path):
             assert [i for i, w in enumerate(weights) if w != 1.0] == [C.TUMOR_ID] and weights[C.TUMOR_ID] == 2.0
             r = get("crop_ratios")
             assert r[C.TUMOR_ID] == sum(r[c] for c in C.ORGAN_IDS)  # half of the patches tumor-centred
-        # train.json and inference.json build the same network (the pipeline reuses inference.json's); inference
-        # builds it through flare23.models.trained.trained_network, which follows the checkpoint's recorded settings
+        # train.json and inference.json build the same network but for the deep-supervision heads (the pipeline reuses
+        # inference.json's); inference builds it through flare23.models.trained.trained_network, which follows the
+        # checkpoint's recorded settings and drops the heads' weights by name
         q = ConfigParser()
         q.read_config(str(configs(bundle) / "inference.json"))
         inference = dict(q.get("network_def"))
         assert inference.pop("_target_") == "flare23.models.trained.trained_network" and inference.pop("settings") == "@trained"
-        assert {"_target_": inference.pop("network"), **inference} == p.get("network_def")
+        assert {"_target_": inference.pop("network"), **inference, "deep_supervision": True} == p.get("network_def")
 
 
 def test_network_from_config_deep_supervision_and_loss():

@@ -21,7 +21,7 @@ from flare23.bundles import SubBundle
 from flare23.data.grids import reorient
 from flare23.data.spacing import ResampleToSpacing, ResampleToSpacingd, resampled_affine, target_shape
 from flare23.inference.branches import branch_from_bundle
-from flare23.inference.cascade import CascadeInferer
+from flare23.inference.cascade import prepare_branch_input
 from flare23.io import voxel_spacing
 from flare23.roi.geometry import ras_affine
 
@@ -95,7 +95,7 @@ def test_the_cascades_network_input_equals_the_bundles_own_preprocessing_on_a_re
     crop_t = torch.as_tensor(np.asarray(nib.load(str(path)).dataobj))
     ras = ras_affine(crop_affine, crop_t.shape)
     crop_ras = reorient(crop_t, crop_affine, ras)
-    cascade_input, _ = CascadeInferer._prepare(branch, crop_ras, tuple(float(v) for v in voxel_spacing(ras)), torch.device("cpu"))
+    cascade_input, _ = prepare_branch_input(branch, crop_ras, tuple(float(v) for v in voxel_spacing(ras)), torch.device("cpu"))
 
     assert tuple(cascade_input.shape[1:]) == tuple(bundle_input.shape)
     assert torch.allclose(cascade_input[0], bundle_input.as_tensor().float(), atol=1e-4), (cascade_input[0] - bundle_input).abs().max()
@@ -115,10 +115,10 @@ def test_the_cascade_never_normalises_the_shared_crop_in_place():
     norm = {"clip_low": -900.0, "clip_high": 300.0, "mean": 50.0, "std": 150.0}
     same_grid = Branch("tumor", (2.0, 2.0, 3.0), (16, 16, 8), 0.5, **norm)
     coarser = Branch("organ", (4.0, 4.0, 6.0), (16, 16, 8), 0.5, **norm)
-    a, _ = CascadeInferer._prepare(same_grid, crop, (2.0, 2.0, 3.0), torch.device("cpu"))
+    a, _ = prepare_branch_input(same_grid, crop, (2.0, 2.0, 3.0), torch.device("cpu"))
     assert torch.equal(crop, before)  # the shared crop is untouched
     assert torch.allclose(a[0, 0], CTNormalize(**norm)(before))
-    b, _ = CascadeInferer._prepare(coarser, crop, (2.0, 2.0, 3.0), torch.device("cpu"))
+    b, _ = prepare_branch_input(coarser, crop, (2.0, 2.0, 3.0), torch.device("cpu"))
     ref = F.interpolate(before[None, None], size=(8, 6, 5), mode="trilinear", align_corners=False)[0, 0]
     assert torch.allclose(b[0, 0], CTNormalize(**norm)(ref), atol=1e-5)
     # the in-place form gives the same numbers and writes into the tensor it is given

@@ -10,7 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from flare23.data.readers import Case, list_cases, read_case, read_dicom_series
+from flare23.data.dicom import read_dicom_series
+from flare23.data.readers import Case, list_cases, read_case
 from flare23.errors import Flare23Error
 from flare23.io import save_nifti
 

@@ -200,7 +200,7 @@ def test_outputs_get_the_umask_mode(tmp_path):
     [
         (["--precison", "fp32"], "'precision'"),
         (["--organ_overrides", "{'patch_sise': [64, 64, 32]}"], "'patch_size'"),
-        (["--engine", "openvino"], "'engine'"),
+        (["--engin", "openvino"], "'engine'"),
         (["--inferer#blok", "64"], "'block'"),
     ],
 )

@@ -237,7 +237,9 @@ def test_the_fine_bundles_own_inference_config_builds_the_trained_network_and_pr
     wf.initialize()
     p = wf.parser
     net = p.get_parsed_content("network_def")
-    assert network_spec(net) == stored["network"]
+    # the trained network, without the deep-supervision heads it trained with (inference never uses them)
+    assert stored["network"]["deep_supervision"] is True and not hasattr(net, "deep_supervision_heads")
+    assert network_spec(net) == {**stored["network"], "deep_supervision": False}
     assert p.get_parsed_content("target_spacing") == [6.0, 6.0, 8.0]
     assert p.get_parsed_content("patch_size") == [64, 64, 8]
     assert p.get_parsed_content("normalization") == stored["values"]["normalization"]
@@ -345,3 +347,53 @@ def test_settings_compare_numbers_by_value_and_containers_element_by_element():
     assert same([4, 4, 5], [4.0, 4.0, 5.0]) and same({"a": (1, 2)}, {"a": [1, 2]})
     assert not same([4, 4, 5], [4, 4, 5.1]) and not same([1, 2], [1, 2, 3]) and not same(True, 1)
     assert not same({"a": 1}, {"a": 1, "b": 2}) and same(None, None) and not same("x", "y")
+
+
+def test_inference_without_the_heads_is_the_trained_network_and_any_other_difference_is_refused(tmp_path):
+    """The fine models train with deep supervision and infer without it: not a mismatch; every other difference still is."""
+    from monai.bundle import ConfigParser
+
+    from flare23.training.checkpoints import load_weights
+
+    tiny = [4, 8, 8, 8, 8, 8]
+
+    def parsed(ckpt, **overrides):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / "organ_seg" / "configs" / "inference.json"))
+        parser["bundle_root"] = str(BUNDLES / "organ_seg")
+        parser["ckpt_path"] = str(ckpt)
+        for key, value in overrides.items():
+            parser[key] = value
+        return parser
+
+    def checkpoint(name: str, heads: bool):
+        net = parsed("", **{"network_def#filters": tiny, "network_def#deep_supervision": heads}).get_parsed_content("network_def")
+        path = tmp_path / name
+        torch.save({"model": net.state_dict(), "settings": RecordedSettings(BUNDLES / "organ_seg", "organ", net, {}).state_dict()}, path)
+        return net.eval(), path
+
+    trained, ckpt = checkpoint("heads.pt", heads=True)
+    assert torch.load(ckpt, weights_only=True)["settings"]["network"]["deep_supervision"] is True
+    x = torch.randn(1, 1, 64, 64, 32)
+    for overrides in ({}, {"network_def#filters": tiny}):  # the stored definition by default, or the same given explicitly
+        parser = parsed(ckpt, **overrides)
+        net = parser.get_parsed_content("network_def")
+        assert list(net.filters) == tiny and not net.deep_supervision and not hasattr(net, "deep_supervision_heads")
+        parser.get_parsed_content("trained").check_network(net)  # evaluate.json's check accepts it too
+        with torch.no_grad():
+            assert torch.equal(load_weights(net, ckpt).eval()(x), trained(x))
+    wider = parsed(ckpt, **{"network_def#filters": [8, 8, 8, 8, 8, 8]})
+    raises_cause(r"network_def#filters: .* was trained with \[4, 8, 8, 8, 8, 8\], but this run sets \[8, 8, 8, 8, 8, 8\]",
+                 lambda: wider.get_parsed_content("network_def"))  # fmt: skip
+    other_heads = parsed(ckpt, **{"network_def#filters": tiny, "network_def#deep_supervision": True, "network_def#deep_supr_num": 2})
+    raises_cause(r"network_def#deep_supr_num: .* was trained with 3, but this run sets 2", lambda: other_heads.get_parsed_content("network_def"))
+    # heads that the training did not have are not the trained network
+    _, bare = checkpoint("bare.pt", heads=False)
+    with_heads = parsed(bare, **{"network_def#filters": tiny, "network_def#deep_supervision": True})
+    raises_cause(r"network_def#deep_supervision: .* was trained with False, but this run sets True",
+                 lambda: with_heads.get_parsed_content("network_def"))  # fmt: skip
+    # a resumed training compares the heads strictly
+    state = torch.load(ckpt, weights_only=True)["settings"]
+    no_heads = RecordedSettings(BUNDLES / "organ_seg", "organ", parsed(ckpt).get_parsed_content("network_def"), {})
+    with pytest.raises(Flare23Error, match=r"cannot resume: the checkpoint was trained with network_def#deep_supervision True"):
+        no_heads.load_state_dict(state)

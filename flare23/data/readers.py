@@ -9,16 +9,7 @@
   replaced (:func:`replace_nonfinite`) and an image that does not look like CT is segmented with a
   warning (:func:`check_ct_range`); each warning names the file.
 
-DICOM series are read with pydicom (JPEG 2000 and other compressed pixel data through pylibjpeg).
-The array axes follow the convention of dcm2niix and dicom2nifti: axis 0 runs along the image
-rows (the DICOM column index, direction ``ImageOrientationPatient[:3]``), axis 1 along the image
-columns from the last row to the first (the row order is flipped, so an axial series comes out
-LAS), axis 2 along the slice normal ``row x column`` in increasing position. The affine is built
-in LPS from ``ImageOrientationPatient``, ``ImagePositionPatient`` and ``PixelSpacing`` and turned
-into RAS by negating its first two rows, as nibabel and ITK do. Every defect is a one-line
-:class:`~flare23.errors.Flare23Error` naming the folder (or file): several series in one folder,
-a missing slice (a gap over 1.5 x the median spacing), non-uniform spacing, gantry tilt,
-inconsistent orientation or size, multi-frame or colour images, unreadable files.
+DICOM series are read by :mod:`flare23.data.dicom`.
 """
 
 from __future__ import annotations
@@ -30,23 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from flare23.data.dicom import is_dicom_file, read_dicom_series
 from flare23.errors import Flare23Error
 from flare23.io import case_name, is_nifti, load_nifti, voxel_spacing
 
-#: A gap between neighbouring slices larger than this many median spacings is a missing slice.
-MISSING_SLICE_FACTOR = 1.5
-#: Slice spacings may differ from their median by this much (mm) plus this fraction of it.
-SPACING_ATOL_MM = 0.01
-SPACING_RTOL = 0.01
-#: Tolerance on direction cosines (orientation equality, tilt) and pixel spacing (relative).
-DIRECTION_TOL = 1e-3
 #: Values given to NaN / -inf and to +inf voxels (air; the top of the usual 12-bit CT range).
 NONFINITE_FILL = -1024.0
 POSINF_FILL = 3071.0
 #: A CT with no voxel below this (no air anywhere) does not look like CT in Hounsfield units.
 CT_AIR_BELOW_HU = -500.0
-
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _INT16 = np.iinfo(np.int16)
 
 
@@ -57,24 +40,6 @@ class Case:
     name: str
     path: Path
     kind: str  # "nifti" or "dicom"
-
-
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a regular file with the DICOM Part 10 preamble and ``DICM`` magic."""
-    path = Path(path)
-    if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
-        return False
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def dicom_files(folder: str | os.PathLike) -> list[Path]:
-    """Sorted DICOM files directly inside ``folder``."""
-    return sorted(p for p in Path(folder).iterdir() if is_dicom_file(p))
 
 
 def _has_dicom(folder: Path) -> bool:
@@ -197,135 +162,3 @@ def check_ct_range(array: np.ndarray, where, modality: str | None = None) -> boo
         )
         return False
     return True
-
-
-def _floats(ds, keyword: str, count: int, file: Path) -> np.ndarray:
-    value = ds.get(keyword)
-    try:
-        arr = np.array([float(v) for v in value], dtype=float)
-    except (TypeError, ValueError):
-        arr = np.array([])
-    if arr.shape != (count,) or not np.all(np.isfinite(arr)):
-        raise Flare23Error(f"{file}: missing or invalid {keyword} ({value!r})")
-    return arr
-
-
-def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read the single DICOM series in ``folder``: ``(array, affine, meta)`` (see module docstring)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise Flare23Error(f"{folder}: not a folder")
-    files = dicom_files(folder)
-    if not files:
-        raise Flare23Error(f"{folder}: no DICOM files found")
-    datasets = []
-    for f in files:
-        try:
-            datasets.append((f, pydicom.dcmread(f)))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise Flare23Error(f"{f}: not a readable DICOM file ({type(exc).__name__}: {exc})") from None
-    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets})
-    if len(uids) > 1:
-        raise Flare23Error(
-            f"{folder}: holds {len(uids)} series (SeriesInstanceUIDs), expected one; put each series in its own folder"
-        )
-
-    f0, ds0 = datasets[0]
-    iop = _floats(ds0, "ImageOrientationPatient", 6, f0)
-    pixel_spacing = _floats(ds0, "PixelSpacing", 2, f0)
-    rows, cols = int(ds0.get("Rows", 0)), int(ds0.get("Columns", 0))
-    row_dir, col_dir = iop[:3], iop[3:]
-    if min(rows, cols) < 1 or min(pixel_spacing) <= 0:
-        raise Flare23Error(f"{f0}: invalid image size {rows} x {cols} or pixel spacing {pixel_spacing.tolist()}")
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-2 or abs(np.linalg.norm(col_dir) - 1) > 1e-2 or abs(row_dir @ col_dir) > 1e-2:
-        raise Flare23Error(f"{f0}: ImageOrientationPatient {iop.tolist()} is not two orthonormal directions")
-    row_dir, col_dir = row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir)
-    normal = np.cross(row_dir, col_dir)
-
-    positions = []
-    for f, ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise Flare23Error(f"{f}: multi-frame DICOM is not supported")
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise Flare23Error(f"{f}: colour DICOM images are not supported (SamplesPerPixel {ds.get('SamplesPerPixel')})")
-        if "PixelData" not in ds:
-            raise Flare23Error(f"{f}: no pixel data")
-        if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (rows, cols):
-            raise Flare23Error(
-                f"{folder}: slices differ in size ({f.name} is {ds.get('Rows')} x {ds.get('Columns')}, {f0.name} is {rows} x {cols})"
-            )
-        if np.abs(_floats(ds, "ImageOrientationPatient", 6, f) - iop).max() > DIRECTION_TOL:
-            raise Flare23Error(f"{folder}: slices differ in ImageOrientationPatient ({f.name} vs {f0.name})")
-        if np.abs(_floats(ds, "PixelSpacing", 2, f) - pixel_spacing).max() > DIRECTION_TOL * pixel_spacing.max():
-            raise Flare23Error(f"{folder}: slices differ in PixelSpacing ({f.name} vs {f0.name})")
-        positions.append(_floats(ds, "ImagePositionPatient", 3, f))
-    positions = np.array(positions)
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    positions, along = positions[order], along[order]
-    datasets = [datasets[i] for i in order]
-    n = len(datasets)
-
-    if n > 1:
-        gaps = np.diff(along)
-        if np.min(gaps) < SPACING_ATOL_MM:
-            i = int(np.argmin(gaps))
-            raise Flare23Error(f"{folder}: two slices at the same position ({datasets[i][0].name}, {datasets[i + 1][0].name})")
-        step = float(np.median(gaps))
-        if np.max(gaps) > MISSING_SLICE_FACTOR * step:
-            i = int(np.argmax(gaps))
-            raise Flare23Error(
-                f"{folder}: missing slice(s): gap of {gaps[i]:.3f} mm between {datasets[i][0].name} and {datasets[i + 1][0].name}, "
-                f"median spacing {step:.3f} mm"
-            )
-        if np.max(np.abs(gaps - step)) > SPACING_ATOL_MM + SPACING_RTOL * step:
-            raise Flare23Error(
-                f"{folder}: non-uniform slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm); resample it first"
-            )
-        lateral = (positions - positions[0]) - np.outer(along - along[0], normal)
-        if np.abs(lateral).max() > max(SPACING_ATOL_MM, DIRECTION_TOL * (along[-1] - along[0])):
-            raise Flare23Error(f"{folder}: slice positions do not follow the slice normal (gantry tilt); not supported")
-    else:
-        step = float(datasets[0][1].get("SpacingBetweenSlices") or datasets[0][1].get("SliceThickness") or 1.0)
-
-    # Decode: DICOM pixel_array is (rows, columns); the volume is (columns, flipped rows, slices).
-    # Integer rescaling keeps int16 as long as the values fit; anything else switches to float32.
-    volume = np.empty((cols, rows, n), dtype=np.int16)
-    for k, (f, ds) in enumerate(datasets):
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # decoders raise many types (missing plugin, corrupt stream)
-            raise Flare23Error(f"{f}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from None
-        if pixels.shape != (rows, cols):
-            raise Flare23Error(f"{f}: pixel data of shape {pixels.shape}, expected {rows} x {cols}")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if volume.dtype == np.int16 and slope.is_integer() and intercept.is_integer():
-            hu = pixels.astype(np.int64) * int(slope) + int(intercept)
-            if hu.size and (hu.min() < _INT16.min or hu.max() > _INT16.max):
-                volume, hu = volume.astype(np.float32), hu.astype(np.float32)
-        else:
-            volume = volume.astype(np.float32, copy=False)
-            hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-        volume[:, :, k] = hu.T[:, ::-1]
-
-    dr, dc = pixel_spacing  # PixelSpacing = (spacing between rows, spacing between columns)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * dc  # array axis 0: along a row (the DICOM column index)
-    affine_lps[:3, 1] = -col_dir * dr  # array axis 1: the row index, flipped
-    affine_lps[:3, 2] = normal * step
-    affine_lps[:3, 3] = positions[0] + col_dir * dr * (rows - 1)  # voxel (0, 0, 0) is the last row's first pixel
-    affine = _LPS_TO_RAS @ affine_lps
-    ds_first = datasets[0][1]
-    meta = {
-        "header": None,
-        "series_uid": uids[0],
-        "modality": str(ds_first.get("Modality", "")),
-        "series_description": str(ds_first.get("SeriesDescription", "")),
-        "num_slices": n,
-        "slice_spacing": step,
-    }
-    return volume, affine, meta

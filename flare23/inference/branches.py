@@ -12,7 +12,7 @@ import torch
 from flare23.config import as_bool
 from flare23.errors import Flare23Error
 from flare23.inference.weights import PARTS, _weights_error
-from flare23.training.checkpoints import load_weights
+from flare23.training.checkpoints import accept_trained_state, load_weights
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -20,8 +20,15 @@ class CascadeNetworks(torch.nn.Module):
     """The pipeline's ``network_def``: the ROI, organ and tumor networks in one module.
 
     Its state dict (keys ``roi.*``, ``organ.*``, ``tumor.*``) is the combined checkpoint that
-    MONAI Label loads as one model. ``forward`` runs the organ network (the cascade itself is
-    the job of :class:`CascadeInferer`).
+    MONAI Label loads as one model; like each part it takes a training's checkpoint as written
+    (:func:`flare23.training.checkpoints.accept_trained_state`: a packed ``model.pt`` whole, the
+    fine models' deep-supervision heads dropped by name, every other key strict).
+
+    ``forward`` is the organ network, and it is what the bundle's ``network_data_format`` describes
+    (a normalised CT patch in, 15 class scores out): the organ model decides 13 of the pipeline's 15
+    labels, and a module's forward has to be one network for MONAI's checks (``verify_net_in_out``,
+    TorchScript export). The cascade itself (HU in, one uint8 label map out, ``post_processed_outputs``
+    in the metadata) is the job of :class:`CascadeInferer`, which calls each part through :meth:`wait`.
     """
 
     PARTS = PARTS
@@ -29,6 +36,7 @@ class CascadeNetworks(torch.nn.Module):
     def __init__(self, roi: torch.nn.Module, organ: torch.nn.Module, tumor: torch.nn.Module):
         super().__init__()
         self.roi, self.organ, self.tumor = roi, organ, tumor
+        accept_trained_state(self)
         self._ready = {p: threading.Event() for p in self.PARTS}
         for event in self._ready.values():
             event.set()

@@ -50,8 +50,9 @@ from monai.inferers import Inferer
 from flare23.config import as_bool
 from flare23.data.grids import reorient
 from flare23.data.resample import DEFAULT_BLOCK, StreamingLabels, resample_image
-from flare23.errors import Flare23Error
+from flare23.errors import Flare23Error, case_error
 from flare23.inference.branches import Branch, CascadeNetworks
+from flare23.inference.engine import EngineNetworks
 from flare23.inference.postprocess import ensemble, postprocess
 from flare23.inference.sliding import sliding_window_slabs
 from flare23.inference.weights import WeightsError
@@ -125,9 +126,30 @@ def _postprocess_params(params: dict | None) -> dict:
     return out
 
 
+
+
 def _first(value):
     """The first element of a collated meta value (lists of one), or the value itself."""
     return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+
+def prepare_branch_input(branch: Branch, crop_ras: torch.Tensor, spacing_ras, device) -> tuple[torch.Tensor, tuple]:
+    """The branch's network input: the crop on the model grid (:mod:`flare23.data.spacing`'s convention, the one
+    training and the bundle's own ``inference.json`` use), CT-normalised (:class:`flare23.models.transforms.CTNormalize`)."""
+    from flare23.data.spacing import target_shape
+    from flare23.models.transforms import CTNormalize
+
+    x = crop_ras.to(device=device, dtype=torch.float32, non_blocking=True)
+    shape = tuple(int(s) for s in x.shape)
+    target = target_shape(shape, spacing_ras, branch.target_spacing)
+    if target != shape:
+        x = resample_image(x, target)
+    # in place only on a volume of our own: the crop itself (a float32 input already on the model grid)
+    # serves the other branch too and must stay as it is
+    owned = x.data_ptr() != crop_ras.data_ptr()
+    x = CTNormalize(branch.clip_low, branch.clip_high, branch.mean, branch.std, inplace=owned)(x)
+    return x[None, None], shape
 
 
 
@@ -138,6 +160,14 @@ class CascadeInferer(Inferer):
     MetaTensor ``(1, 1, X, Y, Z)`` in the file's array order (its ``affine`` is the input's) and
     ``network`` a :class:`CascadeNetworks`. Returns the uint8 label map ``(1, 1, X, Y, Z)`` on
     ``out_device`` (CPU by default), in the input's array order and shape.
+
+    A case that cannot be segmented (unreadable input, a failure inside the cascade) raises
+    :class:`CaseError`, one line naming the file and the problem, unless :attr:`collect_failures`
+    is set: then it is logged, recorded in :attr:`failures` and answered with an empty tensor, so
+    that a folder run goes on. :class:`flare23.inference.cases.CascadeReport` sets it when it is
+    attached to the run (it fails the run at the end, listing the failed cases); a caller without
+    such a report (MONAI Label, which runs only the bundle's transforms and inferer) gets the
+    error at once instead of an empty result.
     """
 
     def __init__(
@@ -151,8 +181,11 @@ class CascadeInferer(Inferer):
         postprocess_params: dict | None = None,
         overlap_branches: str | bool = "auto",
         out_device: str | torch.device = "cpu",
+        engine: str = "torch",
+        engine_cache: str | None = None,
     ):
         super().__init__()
+        self._engines = EngineNetworks(engine, precision, engine_cache)
         self.tumor, self.organ = tumor, organ
         self.roi_params = dict(roi_params or {})
         self.block = int(block)
@@ -164,26 +197,9 @@ class CascadeInferer(Inferer):
         self.timings: list[dict] = []
         self.box_records: list[dict] = []  # RoiBox.to_json with the input's affine, per case
         self.failures: list[str] = []
+        self.collect_failures = False
 
-    # one branch: preprocessing ----------------------------------------------------------------
-    @staticmethod
-    def _prepare(branch: Branch, crop_ras: torch.Tensor, spacing_ras, device) -> tuple[torch.Tensor, tuple]:
-        """The branch's network input: the crop on the model grid (:mod:`flare23.data.spacing`'s convention, the one
-        training and the bundle's own ``inference.json`` use), CT-normalised (:class:`flare23.models.transforms.CTNormalize`)."""
-        from flare23.data.spacing import target_shape
-        from flare23.models.transforms import CTNormalize
-
-        x = crop_ras.to(device=device, dtype=torch.float32, non_blocking=True)
-        shape = tuple(int(s) for s in x.shape)
-        target = target_shape(shape, spacing_ras, branch.target_spacing)
-        if target != shape:
-            x = resample_image(x, target)
-        # in place only on a volume of our own: the crop itself (a float32 input already on the model grid)
-        # serves the other branch too and must stay as it is
-        owned = x.data_ptr() != crop_ras.data_ptr()
-        x = CTNormalize(branch.clip_low, branch.clip_high, branch.mean, branch.std, inplace=owned)(x)
-        return x[None, None], shape
-
+    # one branch ---------------------------------------------------------------------------------
     def _labels(
         self, branch: Branch, net: torch.nn.Module, x: torch.Tensor, out_shape, device, timer: StageTimer
     ) -> torch.Tensor:
@@ -197,11 +213,12 @@ class CascadeInferer(Inferer):
         """
         half = device.type == "cuda" and self.precision != "fp32"
         name = branch.name
+        run = self._engines.network_for(branch.name, branch.patch_size, net, device, timer)
 
         def predictor(patch):
             with timer(f"{name}_network"):
-                with _autocast(device, self.precision):
-                    logits = net(patch)
+                with _autocast(device, self.precision) if run is net else contextlib.nullcontext():
+                    logits = run(patch)
                 probs = torch.softmax(logits.float(), dim=1)
                 return probs.half() if half else probs
 
@@ -225,7 +242,8 @@ class CascadeInferer(Inferer):
 
     # the whole cascade --------------------------------------------------------------------------
     def __call__(self, inputs: torch.Tensor, network: CascadeNetworks, *args, **kwargs) -> torch.Tensor:
-        """Segment one case; a case that fails is recorded in :attr:`failures` and gives an empty tensor.
+        """Segment one case; a case that fails raises :class:`CaseError`, or, with :attr:`collect_failures`, is
+        recorded in :attr:`failures` and gives an empty tensor.
 
         One bad scan must not stop a folder run: the error (one line, naming the file) is logged,
         the batch goes on, and :class:`CascadeReport` makes the run fail at the end.
@@ -243,17 +261,24 @@ class CascadeInferer(Inferer):
         except WeightsError:
             raise  # not this case's fault: the run stops with one line
         except Flare23Error as exc:
-            self._fail(source, str(exc))
+            self._fail(source, str(exc), exc)
         except Exception as exc:  # noqa: BLE001 - one failing case must not stop the batch
             logger.debug("case %s failed", source, exc_info=True)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            self._fail(source, f"{type(exc).__name__}: {first}")
+            self._fail(source, f"{type(exc).__name__}: {first}", exc, status=500)
         return torch.zeros((1, 1, 0, 0, 0), dtype=torch.uint8)
 
-    def _fail(self, source: str, message: str) -> None:
+    def _fail(self, source: str, message: str, cause: BaseException | None = None, status: int = 422) -> None:
+        """Log the failed case (one line naming ``source``); raise it, or record it when :attr:`collect_failures`.
+
+        ``status``: the HTTP status of the raised error inside a web server (:func:`case_error`): 422 for an
+        input that cannot be segmented, 500 for an unexpected failure of the cascade itself.
+        """
         message = message if str(source) in message else f"{source}: {message}"
-        self.failures.append(message)
         logger.error(message)
+        if not self.collect_failures:
+            raise case_error(message, status) from cause
+        self.failures.append(message)
         print(f"flare23: error: {message}", file=sys.stderr, flush=True)
 
     def _cascade(self, inputs: torch.Tensor, network: CascadeNetworks) -> torch.Tensor:
@@ -298,14 +323,14 @@ class CascadeInferer(Inferer):
             pool = ThreadPoolExecutor(1) if overlap else None
             try:
                 with timer("tumor_preprocess"):
-                    x_t, _ = self._prepare(self.tumor, crop_ras, spacing, device)
-                organ_future = pool.submit(self._prepare, self.organ, crop_ras, spacing, device) if pool else None
+                    x_t, _ = prepare_branch_input(self.tumor, crop_ras, spacing, device)
+                organ_future = pool.submit(prepare_branch_input, self.organ, crop_ras, spacing, device) if pool else None
                 with timer("tumor_load_wait"):
                     tumor_net = network.wait("tumor")
                 lab_t = self._labels(self.tumor, tumor_net, x_t, crop_shape, device, timer)
                 del x_t
                 with timer("organ_preprocess"):
-                    x_o, _ = organ_future.result() if organ_future else self._prepare(self.organ, crop_ras, spacing, device)
+                    x_o, _ = organ_future.result() if organ_future else prepare_branch_input(self.organ, crop_ras, spacing, device)
             finally:
                 if pool:
                     pool.shutdown(wait=True)

@@ -11,6 +11,7 @@ from monai.transforms import MapTransform
 
 from flare23.errors import Flare23Error
 from flare23.inference.cascade import CascadeInferer
+from flare23.roi.transforms import FileWriterd
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,26 @@ class ReadCased(MapTransform):
         from monai.data import MetaTensor
 
         from flare23.data.readers import Case, read_case
+        from flare23.io import case_name
 
         d = dict(data)
         for key in self.key_iterator(d):
-            path = Path(d[key])
-            case = Case(d.get("name") or path.name, path, d.get("kind") or ("dicom" if path.is_dir() else "nifti"))
+            given = str(d[key]) if d[key] is not None else ""
+            path = Path(given)
+            # a datalist names each case; MONAI Label passes only the path: the case is then the file's name
+            # without its NIfTI extension (as flare23.data.readers.list_cases names it), or the series folder's name
+            name = d.get("name") or (path.name if path.is_dir() else case_name(path))
+            case = Case(name, path, d.get("kind") or ("dicom" if path.is_dir() else "nifti"))
             try:
+                if not given.strip():
+                    # e.g. MONAI Label's answer to an image id that its datastore does not hold: Path("") would be
+                    # the working folder, read as a DICOM series
+                    raise Flare23Error("no input image: the path is empty (an image id that the datastore does not hold?)")
+                if not path.exists():
+                    raise Flare23Error(f"{path}: no such file or folder")
                 array, affine, _meta = read_case(case)
             except Flare23Error as exc:  # reported by the inferer; the batch goes on
-                meta = {"filename_or_obj": str(path), "case": case.name, "error": str(exc)}
+                meta = {"filename_or_obj": given, "case": case.name, "error": str(exc)}
                 d[key] = MetaTensor(
                     torch.zeros((1, 1, 1, 1), dtype=torch.int16), affine=torch.eye(4, dtype=torch.float64), meta=meta
                 )
@@ -72,11 +84,13 @@ class ReadCased(MapTransform):
         return d
 
 
-class SaveLabeld(MapTransform):
+class SaveLabeld(FileWriterd):
     """Write ``d[key]`` (a label map ``(1, X, Y, Z)``) as uint8 NIfTI ``output_dir/<case>.nii.gz``, atomically.
 
     Shape and affine are those of ``d[meta_key]`` (the input image). An output path equal to the
-    input path is refused: results go next to, never over, the user's files.
+    input path is refused: results go next to, never over, the user's files. A
+    :class:`~flare23.roi.transforms.FileWriterd`: MONAI Label drops it from the postprocessing and
+    writes its answer itself, so a request leaves no file behind.
     """
 
     def __init__(self, keys="pred", output_dir: str = "output", meta_key: str = "image", output_postfix: str = ""):
@@ -115,10 +129,6 @@ class SaveLabeld(MapTransform):
         return d
 
 
-
-
-
-
 def _case_of(batch, key: str = "case", default: str = "case") -> str:
     """The case name (or another meta value ``key``) of a (collated or decollated) evaluator batch."""
     item = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -152,6 +162,8 @@ class CascadeReport:
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        # this report lists the failed cases and fails the run at its end: the inferer may go on after one
+        self.inferer.collect_failures = True
         engine.add_event_handler(Events.ITERATION_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._stop)
         engine.add_event_handler(Events.COMPLETED, self._summary)

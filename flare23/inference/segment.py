@@ -10,6 +10,14 @@ option or override key that names no id of the pipeline (or of the sub-bundle, f
 ``--roi_overrides`` / ``--organ_overrides`` / ``--tumor_overrides``) is refused before any work,
 with the closest valid id.
 
+``--format nifti|dicom-seg|both`` (the pipeline's ``output_format`` id) chooses the result files:
+``<case>.nii.gz`` (default), a DICOM Segmentation ``<case>.seg.dcm`` in the source's study
+(:mod:`flare23.inference.dicom_seg`), or both. A DICOM SEG needs DICOM series as input: a NIfTI
+input, a series whose UIDs a SEG cannot reference, or an output folder inside a series folder is a
+one-line error before any work. For one case, OUTPUT may name the file: ``x.nii.gz`` (with
+``both`` the SEG goes beside it as ``x.seg.dcm``) or ``x.dcm`` / ``x.seg.dcm`` (``dicom-seg``; with
+``both`` the NIfTI goes beside it as ``x.nii.gz``).
+
 Side files, per output folder: ``timings.csv`` (seconds per stage and case), ``efficiency.csv``
 (wall time, peak memory, memory-time area) and ``<case>_roi.json`` per case (the ROI box in voxel
 indices and world mm, the stage times, the thread count: :class:`flare23.inference.cases.CascadeReport`).
@@ -25,7 +33,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flare23.bundles import user_error_in
+from flare23.bundles import PACKAGE_BUNDLES_DIR, user_error_in
 from flare23.errors import Flare23Error
 from flare23.io import ensure_output_dir, is_nifti, strip_nifti_suffix
 
@@ -35,7 +43,7 @@ SIDE_FILES = ("efficiency.csv", "timings.csv", "roi.json")
 _SET_BY_SEGMENT = {"dataset_dir": "-i INPUT", "output_dir": "-o OUTPUT", "bundle_root": "--bundles_dir"}
 
 #: The bundles shipped with the project (an editable install keeps them beside the package).
-BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
+BUNDLES_DIR = PACKAGE_BUNDLES_DIR
 
 
 def pipeline_config(bundles_dir: str | os.PathLike | None = None) -> Path:
@@ -164,37 +172,125 @@ def _user_paths(exc: Flare23Error, work: Path, dst: Path, produced: str, stem: s
     return exc if text == str(exc) else Flare23Error(text)
 
 
+def _is_seg_name(name: str) -> bool:
+    return name.lower().endswith(".dcm")
+
+
+def _stem(name: str) -> str:
+    """The case name that an output file names: ``a.1.nii.gz`` -> ``a.1``, ``a.seg.dcm`` / ``a.dcm`` -> ``a``."""
+    from flare23.inference.dicom_seg import SEG_SUFFIX
+
+    lower = name.lower()
+    for suffix in (SEG_SUFFIX, ".dcm"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return strip_nifti_suffix(name)
+
+
+def _output_format(format, overrides: dict) -> str:
+    """``--format`` and the bundle id ``--output_format`` (either; both must agree), checked; default ``nifti``."""
+    from flare23.inference.dicom_seg import check_output_format
+
+    given = overrides.pop("output_format", None)
+    if format is not None and given is not None and check_output_format(format) != check_output_format(given):
+        raise Flare23Error(f"--format {format} and --output_format {given} disagree; give one of them")
+    return check_output_format(format if format is not None else given if given is not None else "nifti")
+
+
+def _check_seg_inputs(cases, src: Path, dst: Path, single_file: bool, fmt: str) -> dict:
+    """Before any work: every case is a DICOM series that a SEG can reference, and no SEG would land in a series folder.
+
+    Returns ``{case name: checked series}``. A series that the reader will refuse anyway (a missing slice,
+    two series) is left to it: the batch reports it and goes on.
+    """
+    from flare23.data.dicom import dicom_series_headers
+    from flare23.inference.dicom_seg import check_seg_source
+
+    for case in cases:
+        if case.kind != "dicom":
+            raise Flare23Error(
+                f"{case.path}: --format {fmt} needs DICOM series as input; this is a NIfTI file (use --format nifti)"
+            )
+    target = (dst.parent if single_file else dst).resolve()
+    if src.is_dir() and target == src.resolve():
+        raise Flare23Error(
+            f"{dst}: the input folder itself; a SEG there would be read as part of the input next time: choose another output folder"
+        )
+    series = {}
+    for case in cases:
+        if target == case.path.resolve():
+            raise Flare23Error(
+                f"{dst}: inside the input series folder {case.path}; the SEG would become part of the input series: "
+                "choose another output folder"
+            )
+        try:
+            found = dicom_series_headers(case.path)
+        except Flare23Error:
+            continue  # reported by the reader, for this case only
+        check_seg_source(found)
+        series[case.name] = found
+    return series
+
+
 def segment(
-    input: str, output: str, device: str | None = None, bundles_dir: str | None = None, threads=None, **overrides
+    input: str,
+    output: str,
+    device: str | None = None,
+    bundles_dir: str | None = None,
+    threads=None,
+    format: str | None = None,
+    **overrides,
 ) -> list[Path]:
-    """Segment INPUT into OUTPUT with the pipeline bundle; returns the written files."""
+    """Segment INPUT into OUTPUT with the pipeline bundle; returns the written result files (NIfTI and / or DICOM SEG)."""
     from flare23.data.readers import list_cases
     from flare23.efficiency import parse_threads
+    from flare23.inference.dicom_seg import SEG_SUFFIX, wants_nifti, wants_seg
 
     src, dst = Path(input), Path(output)
     overrides = _normalise(overrides)
+    fmt = _output_format(format, overrides)
+    overrides["output_format"] = fmt
     if device is not None:
         overrides["device"] = str(device)
     if threads is not None:
         overrides["threads"] = parse_threads(threads)
     check_overrides(overrides, bundles_dir)  # a misspelt option fails now, not after the first case
+    named_file = is_nifti(dst.name) or _is_seg_name(dst.name)
+    if _is_seg_name(dst.name) and not wants_seg(fmt):
+        raise Flare23Error(
+            f"{dst}: a .dcm output is a DICOM SEG; add --format dicom-seg (or both), or name a .nii.gz file or a folder"
+        )
+    if is_nifti(dst.name) and not wants_nifti(fmt):
+        raise Flare23Error(f"{dst}: --format {fmt} writes a DICOM SEG; name the output <name>{SEG_SUFFIX} or a folder")
     cases = list_cases(src)
-    single_file = len(cases) == 1 and is_nifti(dst.name)
-    if not single_file and is_nifti(dst.name):
-        raise Flare23Error(f"{dst}: {len(cases)} cases in {src}, so the output must be a folder, not a NIfTI file name")
+    single_file = len(cases) == 1 and named_file
+    if not single_file and named_file:
+        kind = "NIfTI" if is_nifti(dst.name) else "DICOM"
+        raise Flare23Error(f"{dst}: {len(cases)} cases in {src}, so the output must be a folder, not a {kind} file name")
+    if wants_seg(fmt):
+        _check_seg_inputs(cases, src, dst, single_file, fmt)
     # The output location is checked before any work: a run of many cases must not fail at the end.
     ensure_output_dir(dst.parent if single_file else dst)
     if single_file:
         if dst.exists() and dst.resolve() == cases[0].path.resolve():
             raise Flare23Error(f"{dst}: refusing to write the result over the input")
-        stem = strip_nifti_suffix(dst.name)  # the whole case name: a.1.nii.gz -> a.1
+        stem = _stem(dst.name)  # the whole case name: a.1.nii.gz -> a.1
+        targets = {}  # produced file name in the work folder -> where it goes
+        if wants_nifti(fmt):
+            targets[f"{cases[0].name}.nii.gz"] = dst if is_nifti(dst.name) else dst.parent / f"{stem}.nii.gz"
+        if wants_seg(fmt):
+            targets[f"{cases[0].name}{SEG_SUFFIX}"] = dst if _is_seg_name(dst.name) else dst.parent / f"{stem}{SEG_SUFFIX}"
         work = Path(tempfile.mkdtemp(prefix=".flare23-", dir=dst.parent))
-        produced = f"{cases[0].name}.nii.gz"
+        produced = next(name for name, target in targets.items() if target == dst)  # the file named by -o
+        written = []
         try:
             run_pipeline(src, work, bundles_dir, **overrides)
-            if not (work / produced).is_file():
+            if not any((work / name).is_file() for name in targets):
                 raise Flare23Error(f"{src}: the pipeline wrote no result")
-            os.replace(work / produced, dst)
+            for name, target in targets.items():
+                if (work / name).is_file():
+                    os.replace(work / name, target)
+                    written.append(target)
             for name in SIDE_FILES:
                 source = work / (f"{cases[0].name}_{name}" if name == "roi.json" else name)
                 if source.is_file():
@@ -203,9 +299,11 @@ def segment(
             raise _user_paths(exc, work, dst, produced, stem) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return [dst]
+        return written
     run_pipeline(src, dst, bundles_dir, **overrides)
-    return [dst / f"{c.name}.nii.gz" for c in cases if (dst / f"{c.name}.nii.gz").is_file()]
+    names = [f"{c.name}.nii.gz" for c in cases] if wants_nifti(fmt) else []
+    names += [f"{c.name}{SEG_SUFFIX}" for c in cases] if wants_seg(fmt) else []
+    return [dst / n for n in names if (dst / n).is_file()]
 
 
 def segment_cli(
@@ -214,9 +312,10 @@ def segment_cli(
     device: str | None = None,
     threads: int | None = None,
     bundles_dir: str | None = None,
+    format: str | None = None,
     **overrides,
 ):
-    """Segment CT scans: ``flare23 segment -i INPUT -o OUTPUT [--device cpu|cuda] [--threads N] [--id value ...]``.
+    """Segment CT scans: ``flare23 segment -i INPUT -o OUTPUT [--format nifti|dicom-seg|both] [--device cpu|cuda] [--threads N] [--id value ...]``.
 
     Every further ``--id value`` overrides an id of the pipeline bundle (listed below with its
     default); an unknown id is refused. Writes OUTPUT and, beside it, the timings, efficiency and
@@ -224,14 +323,15 @@ def segment_cli(
 
     Args:
         i: a NIfTI file, a folder of them, a DICOM series folder or a folder of series (required).
-        o: the output: a ``.nii.gz`` / ``.nii`` file for one input case, else a folder (required).
+        o: the output: a ``.nii.gz`` / ``.nii`` file (or, with a DICOM SEG, a ``.dcm`` file) for one input case, else a folder (required).
         device: ``cpu``, ``cuda`` or ``cuda:N``; default (None): CUDA when torch sees a GPU, else the CPU.
         threads: CPU threads of torch; default (None): the pipeline's ``threads`` id, 0 = ``OMP_NUM_THREADS`` when set, else the CPUs that this process may use (affinity and cgroup quota).
         bundles_dir: the project's ``bundles/`` folder; default (None): the one beside the installed package.
+        format: ``nifti`` (``<case>.nii.gz``), ``dicom-seg`` (a DICOM Segmentation ``<case>.seg.dcm`` in the source's study; needs DICOM series as input) or ``both``; default (None): the pipeline's ``output_format`` id, ``nifti``.
     """
     if not i or not o:
         raise Flare23Error("segment needs -i INPUT and -o OUTPUT (flare23 segment --help)")
-    written = segment(i, o, device=device, bundles_dir=bundles_dir, threads=threads, **overrides)
+    written = segment(i, o, device=device, bundles_dir=bundles_dir, threads=threads, format=format, **overrides)
     for path in written:
         print(f"wrote {path}")
 

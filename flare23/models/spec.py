@@ -124,11 +124,35 @@ def _spec_of(target: str, args: dict) -> dict:
     return _describe(build_network({"_target_": f"{cls.__module__}.{cls.__qualname__}", **args}, device="meta"))
 
 
-def network_difference(stored: dict, asked: dict, class_id: str = "network_def#_target_") -> tuple[str, object, object] | None:
+#: DynUNet's arguments that only add training outputs (the deep-supervision heads, used by the loss alone).
+HEAD_ARGS = ("deep_supervision", "deep_supr_num")
+
+
+def heads_as_asked(stored: dict, asked: dict) -> dict:
+    """``stored`` without its deep-supervision heads when ``asked`` has none (inference), else ``stored`` unchanged.
+
+    The fine models train with deep supervision and infer without it: the heads change neither the
+    network's inference output nor any other weight (their keys are dropped by name when the weights
+    load, :func:`flare23.training.checkpoints.unused_head_keys`), and a DynUNet without them can be
+    scripted. So an inference network without heads is the trained network; asking for heads that the
+    training did not have is not.
+    """
+    if stored.get("deep_supervision") is True and asked.get("deep_supervision") is False:
+        return {**stored, **{k: asked[k] for k in HEAD_ARGS if k in asked}}
+    return stored
+
+
+def network_difference(
+    stored: dict, asked: dict, class_id: str = "network_def#_target_", heads_optional: bool = False
+) -> tuple[str, object, object] | None:
     """Where two network specs first differ: ``(config id, stored value, asked value)``, or ``None`` when they agree.
 
     ``class_id`` names the id that chooses the class (``network_def#network`` in the inference configs).
+    ``heads_optional`` (inference): a network asked without the deep-supervision heads that ``stored`` was
+    trained with agrees with it (:func:`heads_as_asked`); a resumed training compares them strictly.
     """
+    if heads_optional:
+        stored = heads_as_asked(stored, asked)
     if same(stored, asked):
         return None
     key = first_difference(stored, asked)

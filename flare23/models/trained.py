@@ -43,6 +43,7 @@ from flare23.models.spec import (
     _spec_of,
     build_network,
     bundle_metadata,
+    heads_as_asked,
     network_difference,
     network_spec,
     plain,
@@ -182,7 +183,7 @@ class TrainedSettings:
         stored = (self.settings or {}).get("network")
         if not stored:
             return
-        diff = network_difference(stored, _describe(getattr(network, "module", network)))
+        diff = network_difference(stored, _describe(getattr(network, "module", network)), heads_optional=True)
         if diff:
             name, was, now = diff
             raise Flare23Error(f"{name}: {self.path} was trained with {was!r}, but this run sets {now!r}; pass --{name} {json.dumps(was)}")
@@ -218,13 +219,13 @@ class TrainedSettings:
         if not stored:
             return _locate(target)(**args)
         asked = _spec_of(target, args)
-        diff = network_difference(stored, asked, "network_def#network")
+        diff = network_difference(stored, asked, "network_def#network", heads_optional=True)
         if diff is None:
             return _locate(target)(**args)
         defaults = self._default_args()
         if defaults is not None and same(asked, _spec_of(defaults.pop("_network"), defaults)):
             logger.info("%s: network built as recorded in the checkpoint (%s)", self.path, stored["_target_"])
-            return build_network(stored)
+            return build_network(heads_as_asked(stored, asked))
         name, was, now = diff
         raise Flare23Error(
             f"{name}: {self.path} was trained with {was!r}, but this run sets {now!r}; "
@@ -238,8 +239,13 @@ def trained_network(settings: TrainedSettings | None = None, network: str = "Dyn
     ``network`` is the class (a MONAI short name or a dotted path), ``args`` its arguments, each an id
     that can be overridden as usual (``network_def#filters``). Without stored settings this is
     ``network(**args)``; with them, the stored definition is built when ``args`` are the config's
-    defaults, and an argument that contradicts it is a one-line error.
+    defaults, and an argument that contradicts it is a one-line error. The fine bundles infer without
+    the deep-supervision heads they trained with (``deep_supervision`` false: scriptable, and the heads
+    are training outputs only); that is not a contradiction. The network's ``load_state_dict`` takes a
+    training's checkpoint as written (:func:`flare23.training.checkpoints.accept_trained_state`: the heads
+    dropped by name, every other key strict), for MONAI's own loaders too (``ckpt_export``, MONAI Label).
     """
-    if settings is None:
-        return _locate(network)(**args)
-    return settings.network(network, args)
+    from flare23.training.checkpoints import accept_trained_state
+
+    net = _locate(network)(**args) if settings is None else settings.network(network, args)
+    return accept_trained_state(net)

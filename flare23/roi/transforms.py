@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, MapTransform, Transform
+from monai.transforms import InvertibleTransform, MapTransform, SaveImaged, Transform
 from monai.utils import TraceKeys
 
 from flare23.constants import (
@@ -180,6 +180,27 @@ class RoiLabeld(MapTransform):
 
 
 # --- post-processing: back to the input's geometry ------------------------------------------------
+class FileWriterd(SaveImaged):
+    """Base of the project's postprocessing transforms that write files (results and side files such as ROI boxes).
+
+    A subclass of MONAI's ``SaveImaged`` in type only (it neither takes its arguments nor uses its
+    writer): applications that run a bundle's postprocessing but write the answer themselves drop
+    ``SaveImaged`` instances from it, and so drop these writers too. MONAI Label 0.8.5 does this
+    (``BundleInferTask(post_filter=[SaveImaged])``): without it every request would leave the files
+    meant for a command-line run (``output/<case>.nii.gz``, ``eval/<case>_roi.nii.gz``, box JSON) in
+    the app's folders. ``python -m monai.bundle run`` runs them as any other transform.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+
+    def set_options(self, *args, **kwargs):  # SaveImaged's; these writers take their options in __init__
+        raise NotImplementedError(f"{type(self).__name__} takes its options in __init__")
+
+    def __call__(self, data):
+        raise NotImplementedError
+
+
 def _roi_meta(d: Mapping, key: Hashable, ref_key: Hashable | None) -> tuple[dict, np.ndarray]:
     """The meta data written by RoiSubsample (from ``ref_key`` if present, else from ``key``) and the current affine."""
     for k in (ref_key, key):
@@ -206,7 +227,9 @@ class RoiBoxd(MapTransform):
 
     The box (``RoiBox.to_json`` with the input's affine, or ``{"empty": true, ...}`` with a
     warning) is stored in ``data[box_key]`` and, when ``output_dir`` is set, written atomically to
-    ``<output_dir>/<case>_<postfix>.json``.
+    ``<output_dir>/<case>_<postfix>.json``. An inference config leaves ``output_dir`` unset and lets
+    :class:`RoiSaveMaskd` (``box_key``) write the box: a :class:`FileWriterd` that serving
+    applications drop.
     """
 
     def __init__(self, keys: KeysCollection, ref_key: str | None = "image", margins_mm: Mapping[str, float] | None = None,
@@ -261,16 +284,21 @@ class RoiRestored(MapTransform):
         return d
 
 
-class RoiSaveMaskd(MapTransform):
-    """Write ``keys`` (a ``(1, X, Y, Z)`` mask in the input's geometry) as uint8 NIfTI, atomically.
+class RoiSaveMaskd(FileWriterd):
+    """Write ``keys`` (a ``(1, X, Y, Z)`` mask in the input's geometry) as uint8 NIfTI, atomically; and the box.
 
     File: ``<output_dir>/<case>_<postfix>.nii.gz``; affine from the tensor's meta data, header
-    (units, codes) from the source NIfTI file when it can be read.
+    (units, codes) from the source NIfTI file when it can be read. With ``box_key``, the box that
+    :class:`RoiBoxd` stored in ``data[box_key]`` is written too, atomically, as
+    ``<output_dir>/<case>_<box_postfix>.json`` (the name that ``RoiBoxd(output_dir=...)`` gives it).
+    A :class:`FileWriterd`: MONAI Label drops it and a request leaves no file behind.
     """
 
-    def __init__(self, keys: KeysCollection, output_dir: str, postfix: str = "roi", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, output_dir: str, postfix: str = "roi", box_key: str | None = None,
+                 box_postfix: str = "roi_box", allow_missing_keys: bool = False) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         self.output_dir, self.postfix = str(output_dir), postfix
+        self.box_key, self.box_postfix = box_key, box_postfix
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -287,4 +315,9 @@ class RoiSaveMaskd(MapTransform):
             save_nifti(
                 arr.astype(np.uint8), _affine(t.affine), folder / f"{case_name(name)}_{self.postfix}.nii.gz", header=header
             )
+        box = d.get(self.box_key) if self.box_key else None
+        if isinstance(box, Mapping):
+            folder = ensure_output_dir(self.output_dir)
+            source = box.get("source") or next((_where(d[k]) for k in self.key_iterator(d)), "case")
+            atomic_write_json(folder / f"{case_name(source)}_{self.box_postfix}.json", dict(box))
         return d

@@ -91,6 +91,72 @@ def torch_load_safe(path: str | Path, map_location="cpu", mmap: bool = False) ->
     return obj
 
 
+#: The module names of DynUNet's deep-supervision heads (training outputs only): the heads themselves, and the
+#: same modules again in the skip layers that feed them (a state dict lists a shared module under both names).
+HEAD_NAMES = ("deep_supervision_heads", "super_head")
+#: The entries of a checkpoint written by a training (:mod:`flare23.models.trained`): weights and settings.
+TRAINED_KEYS = frozenset({"model", "settings"})
+
+
+def _head_of(key: str) -> tuple[str, str] | None:
+    """``(owner, head name)`` of a deep-supervision head's key (owner: the key prefix of the module that holds it); None for other keys."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in HEAD_NAMES:
+            return "".join(p + "." for p in parts[:i]), part
+    return None
+
+
+def unused_head_keys(network: torch.nn.Module, state, prefix: str = "") -> list[str]:
+    """Keys of ``state`` (under ``prefix``) that hold deep-supervision heads ``network`` was built without.
+
+    The fine models train with DynUNet's deep-supervision heads and infer without them (a DynUNet with
+    heads cannot be scripted, and inference never uses them), so their trained weights carry head tensors
+    (``deep_supervision_heads.*``, and the same modules as ``skip_layers...super_head.*``) that the
+    inference network has no place for. Those keys, and only those, are dropped *by name*: the heads of a
+    module that exists in ``network`` and has no such heads of its own. A head key where the module has
+    heads (another ``deep_supr_num``) and every other key still has to match exactly.
+    """
+    own = [prefix + k for k in network.state_dict()]
+    own_set = set(own)
+    modules = {prefix} | {"".join(p + "." for p in k.split(".")[:i]) for k in own for i in range(1, k.count(".") + 1)}
+    own_heads = {_head_of(k) for k in own} - {None}
+    dropped = []
+    for key in state:
+        if not isinstance(key, str) or key in own_set or not key.startswith(prefix):
+            continue
+        head = _head_of(key)
+        if head is not None and head[0] in modules and head not in own_heads:
+            dropped.append(key)
+    return dropped
+
+
+def _trained_state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """``load_state_dict`` pre-hook of the inference networks (:func:`accept_trained_state`)."""
+    if not prefix and set(state_dict) and set(state_dict) <= TRAINED_KEYS and isinstance(state_dict.get("model"), dict):
+        if not TRAINED_KEYS & (set(module._modules) | set(module._parameters) | set(module._buffers)):
+            weights = state_dict.pop("model")
+            state_dict.clear()
+            state_dict.update(weights)
+    for key in unused_head_keys(module, state_dict, prefix):
+        del state_dict[key]
+
+
+def accept_trained_state(network: torch.nn.Module) -> torch.nn.Module:
+    """Let ``network.load_state_dict`` take a training's checkpoint as it is, strictly otherwise; returns ``network``.
+
+    MONAI's own loaders call ``load_state_dict`` directly: ``monai.bundle ckpt_export`` (the Model Zoo CI's
+    TorchScript check, strict, without ``key_in_ckpt``), ``CheckpointLoader`` and MONAI Label. So the
+    inference networks (:func:`flare23.models.trained.trained_network`, the pipeline's ``CascadeNetworks``)
+    accept, through a pre-hook, what a training wrote: the deep-supervision heads they were built without
+    are dropped by name (:func:`unused_head_keys`), and a whole ``model.pt`` of a training
+    (``{"model": weights, "settings": ...}``, nothing else) is read as its weights. Any other key, missing
+    or unexpected, still fails the strict load.
+    """
+    network.register_load_state_dict_pre_hook(_trained_state_pre_hook)
+    return network
+
+
 def _check_matches(network: torch.nn.Module, state, path: Path | str) -> None:
     """Raise a one-line error when ``state`` does not fit ``network`` key for key and shape for shape."""
     if not isinstance(state, dict):
@@ -152,8 +218,9 @@ def load_weights(
 ) -> torch.nn.Module:
     """Load a state dict into ``network`` strictly; ``key`` selects a sub-dict (e.g. ``"model"``).
 
-    A checkpoint saved by ``CheckpointSaver`` with several objects is handled by picking ``key``
-    (default: ``"model"`` when present). Keys or shapes that differ from the network's are an
+    Deep-supervision heads that ``network`` was built without (inference) are dropped by name
+    (:func:`unused_head_keys`); every other key must match. A checkpoint saved by ``CheckpointSaver``
+    with several objects is handled by picking ``key`` (default: ``"model"`` when present). Keys or shapes that differ from the network's are an
     error naming the file and the first few offending keys. ``transfer=True`` initialises from a
     sibling network instead (:func:`transfer_state`: the config id ``pretrained_transfer``).
     """
@@ -166,6 +233,9 @@ def load_weights(
         state = state[key]
     if as_bool(transfer, "pretrained_transfer"):  # a command line gives the string "false"
         state = transfer_state(network, state, path)
+    if isinstance(state, dict):  # an inference network without the heads a training wrote: drop them by name
+        unused = set(unused_head_keys(network, state))
+        state = {k: v for k, v in state.items() if k not in unused}
     _check_matches(network, state, path)
     network.load_state_dict(state, strict=True)
     return network

@@ -5,13 +5,16 @@ MONAI Label 0.8.5 needs numpy < 2 (through pydicom-seg), so it lives in its own 
 made from the pinned ``requirements.txt`` beside this file. The script, in order:
 
 1. makes the environment (or reuses it when its stamp matches the pinned file), with the
-   ``flare23`` package installed editable from this repository (``--no-deps``);
+   ``flare23`` package installed editable from this repository (``--no-deps``, ``editable_mode=compat``:
+   a ``.pth`` file puts the repository on ``sys.path``, so the package is found as a regular package
+   even where a folder named ``flare23`` comes earlier on the path, see :data:`MONAILABEL`);
 2. re-runs itself with that environment's Python for the rest;
 3. lays out a work folder as MONAI Label expects: ``apps/monaibundle`` (the sample app shipped in the
    monailabel wheel, copied by ``monailabel apps --download``, no network), with
    ``apps/monaibundle/model/<bundle>`` for ``roi_extractor``, ``organ_seg``, ``tumor_seg`` and
    ``pipeline`` (copies of ``bundles/``: the repository's bundles are never written to), and
-   ``studies/`` with the CT;
+   ``studies/`` with the CT (``--image``; by default the example CT of ``../shared`` beside the
+   repository when it is there, else a phantom that the script generates);
 4. gives every copied bundle a ``models/model.pt``. By default (``--weights tiny``) each sub-bundle
    is trained for one tiny epoch through its own ``configs/train.json`` (``python -m monai.bundle
    run training`` in this environment, ``bundle_root`` = the copy, narrow ``network_def#filters``,
@@ -23,17 +26,27 @@ made from the pinned ``requirements.txt`` beside this file. The script, in order
    from the three with ``flare23 pack``; then each bundle's ``network_def`` is instantiated from
    its copy as MONAI Label's ``BundleInferTask`` does, ``model.pt`` is loaded into it strictly, and
    the network's widths are logged beside those the checkpoint records;
-5. starts ``monailabel start_server`` on 127.0.0.1 and a free port, waits until ``/info/`` answers,
-   checks that the four models are listed with the label names of their ``metadata.json``,
-6. sends one inference request per bundle on the CT (MONAI Label's own client) and checks each
-   answer: a label volume of the input's shape, labels among the bundle's ids, named labels;
-7. stops the server and writes ``monailabel.log`` (human-readable) and ``summary.json``.
+   With ``--prepare-only`` it stops here and prints the command that starts the server on this app;
+5. starts the server (``python -m monailabel.main start_server``, see :data:`MONAILABEL`) on
+   127.0.0.1 and a free port, waits until ``/info/`` answers, checks that the four models are listed
+   with the label names of their ``metadata.json``;
+6. sends a batch of requests (MONAI Label's own client): per bundle one by image id and one upload
+   of the same CT, and checks each answer: a uint8 label volume of the input's shape and affine,
+   labels among the bundle's ids, named labels. The app's folders, the studies, the server's
+   working folder and its temporary folder are listed before and after the batch: no file may
+   appear (MONAI Label writes its answer to a temporary file and removes it once sent);
+7. sends, per bundle, a corrupt upload (a truncated ``.nii.gz``) and an image id that the studies
+   do not hold: each must be refused (not HTTP 200), and the pipeline's answer must name the file
+   and the problem in its body (HTTP 422, ``{"detail": "<file>: <problem>"}``);
+8. stops the server and writes ``monailabel.log`` (human-readable) and ``summary.json``.
 
 It exits 0 only when every check passed. Everything stays on 127.0.0.1.
 
 Usage (from the repository root)::
 
     python scripts/monailabel/run_monailabel.py --work /tmp/flare23-monailabel
+    # only the app folder, with tiny trained weights, and the command that serves it
+    python scripts/monailabel/run_monailabel.py --work /tmp/flare23-monailabel --prepare-only
 
 See ``docs/monailabel.md``.
 """
@@ -45,6 +58,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -60,11 +74,20 @@ BUNDLES = ("roi_extractor", "organ_seg", "tumor_seg", "pipeline")
 SUB_BUNDLES = BUNDLES[:3]
 #: Outside the repository, so that a fresh clone (CI) on the same machine reuses it.
 DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flare23" / "monailabel-venv"
-DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "real_ct" / "ts_example_ct" / "ct.nii.gz"
+#: The default CT: the example of the ``shared`` folder beside the repository (``../shared`` from the
+#: repository root), where there is one; else :func:`phantom_image` generates one in the work folder.
+SHARED_IMAGE = REPO.parent / "shared" / "data" / "real_ct" / "ts_example_ct" / "ct.nii.gz"
+#: The phantom served when there is no example CT (:func:`phantom_image`; not one of the tiny trainings' phantoms).
+PHANTOM_IMAGE = {"cases": 1, "seed": 7, "size": "tiny"}
 ENV_VAR_VENV = "FLARE23_MONAILABEL_VENV"
 MARKER = ".flare23-monailabel-env"  # written first: this folder is ours and may be remade
 STAMP = ".flare23-monailabel-stamp"  # written last: the environment is complete for this pin set
-REPO_FILE = ".flare23-monailabel-repo"  # the repository that the editable flare23 install points at
+REPO_FILE = ".flare23-monailabel-repo"  # the repository that the editable flare23 install points at, and how
+#: How flare23 is installed: ``compat`` is a ``.pth`` line with the repository's path. The default (``strict``) mode's
+#: import hook comes after every ``sys.path`` entry, so a folder named ``flare23`` on PYTHONPATH or in the working
+#: folder (a clone beside the environment, which ``bin/monailabel`` puts on PYTHONPATH) would be imported instead, as
+#: an empty namespace package; a regular package anywhere on ``sys.path`` wins over such a folder.
+EDITABLE_MODE = "compat"
 INSIDE_FLAG = "--_inside-env"
 #: ``--weights tiny``: each sub-bundle's train.json overrides for a one-epoch tiny training on the
 #: tiny phantoms (about 5.3 x 5.3 x 8.5 mm; the organ and tumor networks' 6 stages need patches of
@@ -77,9 +100,17 @@ TINY_TRAINING = {
 TINY_COMMON = {"max_epochs": 1, "epoch_length": 1, "val_interval": 1, "num_workers": 0, "device": "cpu"}
 PHANTOMS = {"cases": 4, "seed": 0, "size": "tiny", "tumor_fraction": 0.7}
 SEED = 20230
-#: The ``monailabel`` command, run with this Python (the installed ``bin/monailabel`` is a bash
-#: wrapper that runs whichever ``python`` is first on PATH, and passes ``$*`` unquoted).
+#: The ``monailabel`` command, run as ``python -m monailabel.main`` with this (the environment's) Python.
+#: Not the installed ``bin/monailabel``: that bash wrapper puts the folder that holds the environment
+#: on PYTHONPATH (so a folder named ``flare23`` there, such as a clone of this repository beside the
+#: environment, shadowed a default editable install as an empty namespace package and the app failed
+#: to load: :data:`EDITABLE_MODE`), runs whichever ``python`` is first on PATH, and passes ``$*`` unquoted.
 MONAILABEL = [sys.executable, "-m", "monailabel.main"]
+#: What the batch of requests must leave unchanged, relative to the work folder: every file there but
+#: the script's own outputs (the server's own log files may grow; no file may appear).
+OWN_OUTPUTS = ("monailabel.log", "summary.json", "env.json", "server.log", "answers", "results", "training", "phantom", "corrupt")
+#: The server's temporary folder (TMPDIR), inside the work folder so that leftovers can be listed.
+SERVER_TMP = "server-tmp"
 
 
 class RunError(Exception):
@@ -109,8 +140,12 @@ def base_python(python: str) -> str:
 
 
 def pin_digest(python: str) -> str:
-    """What the environment is made from: the pinned file and the base interpreter (not the repository path)."""
-    h = hashlib.sha256(REQUIREMENTS.read_bytes())
+    """What the environment is made from: the pins (the requirement lines, not the comments) and the base interpreter.
+
+    Not the repository path either: a fresh clone reuses the environment.
+    """
+    pins = [line.strip() for line in REQUIREMENTS.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    h = hashlib.sha256("\n".join(pins).encode())
     h.update(base_python(python).encode())
     return h.hexdigest()
 
@@ -128,14 +163,15 @@ def ensure_env(venv: Path, log: Log, python: str) -> dict:
     stamp = venv / STAMP
     # --no-compile: no byte-compiling of the ~8 GB install (Python compiles what it imports, once)
     pip = [str(vpy), "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-input", "--no-compile"]
-    editable = [*pip, "--no-deps", "-e", str(REPO)]
+    editable = [*pip, "--no-deps", "-e", str(REPO), "--config-settings", f"editable_mode={EDITABLE_MODE}"]
+    record = f"{REPO} editable_mode={EDITABLE_MODE}"
     if vpy.exists() and stamp.is_file() and stamp.read_text().strip() == digest:
         start = time.monotonic()
-        if (venv / REPO_FILE).is_file() and (venv / REPO_FILE).read_text().strip() == str(REPO):
+        if (venv / REPO_FILE).is_file() and (venv / REPO_FILE).read_text().strip() == record:
             log(f"env: reusing {venv} (pins unchanged)")
         else:
-            _run_logged(editable, log, f"pip install -e {REPO} --no-deps (re-pointing flare23)")
-            (venv / REPO_FILE).write_text(f"{REPO}\n")
+            _run_logged(editable, log, f"pip install -e {REPO} --no-deps (re-pointing flare23, editable_mode={EDITABLE_MODE})")
+            (venv / REPO_FILE).write_text(record + "\n")
         return {"venv": str(venv), "reused": True, "seconds": round(time.monotonic() - start, 1)}
     if venv.exists():
         if not (venv / MARKER).is_file():
@@ -150,8 +186,8 @@ def ensure_env(venv: Path, log: Log, python: str) -> dict:
     # Every package is pinned in requirements.txt (torch included, so that no resolver can pull
     # another torch build); --no-deps installs exactly that set.
     _run_logged([*pip, "--no-deps", "-r", str(REQUIREMENTS)], log, "pip install -r requirements.txt")
-    _run_logged(editable, log, f"pip install -e {REPO} --no-deps")
-    (venv / REPO_FILE).write_text(f"{REPO}\n")
+    _run_logged(editable, log, f"pip install -e {REPO} --no-deps (editable_mode={EDITABLE_MODE})")
+    (venv / REPO_FILE).write_text(record + "\n")
     stamp.write_text(digest + "\n")
     seconds = time.monotonic() - start
     log(f"env: created in {seconds:.0f} s")
@@ -216,6 +252,29 @@ def lay_out(work: Path, image: Path, crop: list[int] | None, log: Log) -> tuple[
         nib.save(nib.load(str(image)), str(study))
         log(f"layout: study {image_id} <- {image} (as .nii.gz)")
     return app, studies, image_id
+
+
+def phantom_image(work: Path, log: Log) -> Path:
+    """A CT to serve when there is no example CT beside the repository: one tiny phantom (``flare23.tools.phantoms``)."""
+    from flare23.tools.phantoms.generate import generate_phantoms
+
+    root = work / "phantom"
+    if root.exists():
+        shutil.rmtree(root)
+    generate_phantoms(root, **PHANTOM_IMAGE)
+    image = next(iter(sorted((root / "imagesTr").glob("*.nii.gz"))), None)
+    if image is None:
+        raise RunError(f"flare23.tools.phantoms wrote no image into {root / 'imagesTr'}")
+    log(f"layout: no --image and no example CT at {SHARED_IMAGE}: serving a generated phantom {image} ({PHANTOM_IMAGE})")
+    return image
+
+
+def default_image(work: Path, log: Log) -> Path:
+    """``--image`` when not given: the example CT of ``../shared`` beside the repository, else a generated phantom."""
+    if SHARED_IMAGE.is_file():
+        log(f"layout: no --image: serving the example CT beside the repository, {SHARED_IMAGE}")
+        return SHARED_IMAGE
+    return phantom_image(work, log)
 
 
 def cli_args(overrides: dict) -> list[str]:
@@ -402,7 +461,11 @@ def served_networks(model_dir: Path, log: Log) -> dict:
                 f"{name}: models/model.pt does not load strictly into the network_def MONAI Label builds: {str(exc)[:600]}"
             ) from None
         mine = network.state_dict()
-        if any(not torch.equal(mine[k], state[k]) for k in state):
+        # the fine models train with deep-supervision heads and infer without them: the network drops those keys by name
+        heads = sorted(k for k in state if k not in mine)
+        if any(not is_head_key(k) for k in heads) or set(mine) - set(state):
+            raise RunError(f"{name}: models/model.pt and the network differ in keys other than deep-supervision heads")
+        if any(not torch.equal(mine[k], state[k]) for k in mine):
             raise RunError(f"{name}: the network's weights differ from models/model.pt after loading")
         parts = {"net": network} if name != "pipeline" else {p: getattr(network, p) for p in ("roi", "organ", "tumor")}
         entry = {
@@ -410,6 +473,7 @@ def served_networks(model_dir: Path, log: Log) -> dict:
             "state_values": int(sum(v.numel() for v in mine.values())),
             "parameters": int(sum(p.numel() for p in network.parameters())),
             "strict_load": True,
+            "unused_head_keys": len(heads),
             "first_conv_out": {},
             "recorded_filters": {},
         }
@@ -449,8 +513,9 @@ def expected_labels(bundle: Path) -> dict[str, int]:
     return {v.lower(): int(k) for k, v in channel_def.items() if v.lower() != "background"}
 
 
-def start_server(app: Path, studies: Path, work: Path, port: int, trainers: bool, log: Log) -> tuple[subprocess.Popen, Path]:
-    cmd = [
+def server_command(app: Path, studies: Path, port: int, trainers: bool) -> list[str]:
+    """``python -m monailabel.main start_server ...`` for this app (see :data:`MONAILABEL` for why not ``monailabel``)."""
+    return [
         *MONAILABEL, "start_server",
         "--app", str(app),
         "--studies", str(studies),
@@ -461,9 +526,18 @@ def start_server(app: Path, studies: Path, work: Path, port: int, trainers: bool
         "--host", "127.0.0.1",
         "--port", str(port),
     ]  # fmt: skip
+
+
+def start_server(app: Path, studies: Path, work: Path, port: int, trainers: bool, log: Log) -> tuple[subprocess.Popen, Path]:
+    cmd = server_command(app, studies, port, trainers)
     server_log = work / "server.log"
-    log(f"server: monailabel {' '.join(cmd[3:])}")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log(f"server: python -m monailabel.main {' '.join(cmd[3:])}")
+    # MONAI Label writes uploads and answers to temporary files: a temporary folder of its own shows what it leaves
+    tmp = work / SERVER_TMP
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
     fh = open(server_log, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, cwd=str(work), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     proc._flare23_log = fh  # type: ignore[attr-defined]
@@ -528,21 +602,32 @@ def last_error(server_log: Path, wait: float = 10.0) -> str:
         time.sleep(0.5)
 
 
-def server_networks(server_log: Path, model_dir: Path, weights: str, log: Log) -> dict:
-    """What the server's log says of the networks it served: built as each checkpoint records, and loaded without a key mismatch.
+def is_head_key(key: str) -> bool:
+    """A state-dict key of a DynUNet deep-supervision head (trained, not used for inference)."""
+    return any(part in ("deep_supervision_heads", "super_head") for part in key.split("."))
 
-    MONAI Label loads ``model.pt`` at the first request (``strict=False``, with a warning when the keys differ; a
+
+def server_networks(server_log: Path, model_dir: Path, weights: str, log: Log) -> dict:
+    """What the server's log says of the networks it served: built as each checkpoint records, loaded with no key mismatch
+    but the deep-supervision heads of the trained checkpoints (which the inference networks drop by name).
+
+    MONAI Label loads ``model.pt`` at the first request (``strict=False``, with a warning listing the keys that differ; a
     shape mismatch fails the request), so this is read after the requests.
     """
     text = server_log.read_text(errors="replace")
     mismatch = [line.strip() for line in text.splitlines() if "Checkpoint keys don't match" in line]
-    if mismatch:
-        raise RunError(f"MONAI Label loaded a model.pt whose keys do not match its network: {mismatch[0][:400]}")
+    for line in mismatch:
+        keys = re.findall(r"'([^']+)'", line.split("other:", 1)[-1])
+        if not keys or not all(is_head_key(k) for k in keys):
+            raise RunError(f"MONAI Label loaded a model.pt whose keys do not match its network: {line[:400]}")
     recorded = {
         name: f"{model_dir / name / 'models' / 'model.pt'}: network built as recorded in the checkpoint" in text
         for name in SUB_BUNDLES
     }
-    log(f"server log: 'network built as recorded in the checkpoint' for {recorded}; no checkpoint key mismatch")
+    log(
+        f"server log: 'network built as recorded in the checkpoint' for {recorded}; checkpoint keys that MONAI Label "
+        f"reports as not matching: {'only deep-supervision heads' if mismatch else 'none'}"
+    )
     if weights == "tiny" and not all(recorded.values()):
         missing = [k for k, v in recorded.items() if not v]
         raise RunError(f"the server log does not show {missing} built as their checkpoints record (tiny widths)")
@@ -566,15 +651,19 @@ def check_info(info: dict, model_dir: Path, log: Log) -> dict:
     return result
 
 
-def check_answer(name: str, label_file: str | None, params: dict, image: Path, model_dir: Path, seconds: float, log: Log) -> dict:
+def check_answer(
+    name: str, label_file: str | None, params: dict, image: Path, model_dir: Path, seconds: float, log: Log, how: str = "inference"
+) -> dict:
+    """One answer: a uint8 label volume of the input's shape and affine, labels among the bundle's ids, the bundle's label names."""
     import nibabel as nib
     import numpy as np
 
     if not label_file or not Path(label_file).is_file():
-        raise RunError(f"inference {name}: the answer has no label file (params: {params})")
+        raise RunError(f"{how} {name}: the answer has no label file (params: {params})")
     ref = nib.load(str(image))
     out = nib.load(label_file)
     data = np.asarray(out.dataobj)
+    dtype = str(out.get_data_dtype())
     values = sorted(int(v) for v in np.unique(data))
     want = expected_labels(model_dir / name)
     allowed = {0, *want.values()}
@@ -582,8 +671,11 @@ def check_answer(name: str, label_file: str | None, params: dict, image: Path, m
     labels_ok = set(values) <= allowed and np.array_equal(data, np.round(data))
     names_ok = {str(k): int(v) for k, v in (params.get("label_names") or {}).items()} == want
     affine_ok = bool(np.allclose(out.affine, ref.affine, atol=1e-3))
+    dtype_ok = dtype == "uint8"
     entry = {
         "file": label_file,
+        "bytes": Path(label_file).stat().st_size,
+        "dtype": dtype,
         "shape": list(data.shape),
         "input_shape": list(ref.shape),
         "labels_present": values,
@@ -594,19 +686,96 @@ def check_answer(name: str, label_file: str | None, params: dict, image: Path, m
         "labels_ok": bool(labels_ok),
         "names_ok": names_ok,
         "affine_ok": affine_ok,
+        "dtype_ok": dtype_ok,
         "affine": np.round(out.affine, 4).tolist(),
         "input_affine": np.round(ref.affine, 4).tolist(),
     }
     log(
-        f"inference answered: {name} in {seconds:.1f} s: shape {tuple(data.shape)} (input {tuple(ref.shape)}), "
-        f"labels present {values} (allowed {sorted(allowed)}), {len(want)} label names in the answer, "
-        f"affine {'equals' if affine_ok else 'DIFFERS FROM'} the input's"
+        f"{how} answered: {name} in {seconds:.1f} s: {dtype} {tuple(data.shape)} (input {tuple(ref.shape)}), "
+        f"{entry['bytes']} bytes, labels present {values} (allowed {sorted(allowed)}), {len(want)} label names in the "
+        f"answer, affine {'equals' if affine_ok else 'DIFFERS FROM'} the input's"
     )
-    checks = (("shape", shape_ok), ("labels", labels_ok), ("label names", names_ok), ("affine", affine_ok))
+    checks = (("shape", shape_ok), ("labels", labels_ok), ("label names", names_ok), ("affine", affine_ok), ("dtype", dtype_ok))
     problems = [p for p, ok in checks if not ok]
     if problems:
-        raise RunError(f"inference {name}: wrong {', '.join(problems)}: {json.dumps(entry)[:800]}")
+        raise RunError(f"{how} {name}: wrong {', '.join(problems)}: {json.dumps(entry)[:800]}")
     return entry
+
+
+def tree(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, list[int]]:
+    """Every file under ``folder`` (relative path -> [size, mtime ns]), leaving out the top-level entries named in ``skip``."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if rel.parts[0] in skip or not path.is_file():
+            continue
+        st = path.stat()
+        out[str(rel)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def tree_changes(before: dict, after: dict) -> dict:
+    """Files that appeared, disappeared or changed (size or time) between two :func:`tree` listings."""
+    return {
+        "new": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": sorted(k for k in set(before) & set(after) if before[k] != after[k]),
+    }
+
+
+def send(client, name: str, image_id: str, upload: Path | None, server_log: Path, log: Log, how: str) -> tuple[str | None, dict, float]:
+    """One inference request that must succeed: (the answer's file, its params, seconds)."""
+    start = time.monotonic()
+    try:
+        label_file, params = client.infer(name, image_id, {}, file=str(upload) if upload else None)
+    except Exception as exc:  # noqa: BLE001 - the server log has the traceback
+        raise RunError(f"{how} {name}: {exc}; the server says: {last_error(server_log)}") from None
+    return label_file, params or {}, time.monotonic() - start
+
+
+def send_bad(url: str, name: str, image_id: str, upload: Path | None, server_log: Path, timeout: float) -> dict:
+    """One request that must fail: its HTTP status, its body, and the server's log lines written meanwhile that name a problem."""
+    import requests
+
+    offset = server_log.stat().st_size
+    files = {"file": (upload.name, upload.read_bytes(), "application/octet-stream")} if upload else None
+    start = time.monotonic()
+    resp = requests.post(f"{url}/infer/{name}", params={"image": image_id}, data={"params": "{}"}, files=files, timeout=timeout)
+    seconds = time.monotonic() - start
+    time.sleep(0.5)  # the server's last log lines of this request
+    with open(server_log, encoding="utf-8", errors="replace") as fh:
+        fh.seek(offset)
+        lines = fh.read().splitlines()
+    problems = [line.strip() for line in lines if re.search(r"Error|Exception|error:|\[ERROR\]", line)]
+    body = resp.text if "json" not in resp.headers.get("content-type", "") else resp.json()
+    return {"status": resp.status_code, "body": body if resp.status_code != 200 else "(a label volume)",
+            "seconds": round(seconds, 2), "server_log": problems[-6:]}  # fmt: skip
+
+
+def check_refusals(url: str, studies: Path, work: Path, models: list[str], server_log: Path, timeout: float, log: Log) -> dict:
+    """A corrupt upload and an unknown image id, per bundle: never HTTP 200; the pipeline names the file and the problem (422)."""
+    study = next(iter(sorted(studies.glob("*.nii.gz"))))
+    corrupt = work / "corrupt" / "corrupt_ct.nii.gz"
+    corrupt.parent.mkdir(exist_ok=True)
+    corrupt.write_bytes(study.read_bytes()[:3000])  # a truncated upload: a valid gzip start and a NIfTI header, no data
+    tmp = str(work / SERVER_TMP)
+    result: dict = {}
+    for name in models:
+        for kind, image_id, upload in (("corrupt_upload", "", corrupt), ("unknown_image", "no_such_image", None)):
+            answer = send_bad(url, name, image_id, upload, server_log, timeout)
+            result.setdefault(name, {})[kind] = answer
+            detail = answer["body"].get("detail", "") if isinstance(answer["body"], dict) else str(answer["body"])
+            log(
+                f"refused: {name} {kind.replace('_', ' ')}: HTTP {answer['status']} in {answer['seconds']:.1f} s, body {json.dumps(answer['body'])[:300]}; "
+                f"server log: {' | '.join(answer['server_log'])[-400:] or '(no error line)'}"
+            )
+            if answer["status"] == 200:
+                raise RunError(f"{name}: a {kind.replace('_', ' ')} was answered with HTTP 200")
+            if name == "pipeline":
+                want = (tmp, "truncated or corrupt") if kind == "corrupt_upload" else ("no input image", "image id")
+                if answer["status"] != 422 or not all(w in detail for w in want):
+                    raise RunError(f"pipeline {kind}: expected HTTP 422 naming {want} in the body, got {answer['status']} {answer['body']}")
+    return result
 
 
 def serve_and_check(args, log: Log, summary: dict) -> None:
@@ -615,12 +784,13 @@ def serve_and_check(args, log: Log, summary: dict) -> None:
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     work = Path(args.work).resolve()
-    image = Path(args.image).resolve()
     versions = {}
     for mod in ("numpy", "torch", "torchvision", "monai", "monailabel", "flare23"):
         versions[mod] = getattr(__import__(mod), "__version__", "?")
     summary["versions"] = versions
     log("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    image = Path(args.image).resolve() if args.image else default_image(work, log)
+    summary["image"] = str(image)
     app, studies, image_id = lay_out(work, image, args.crop, log)
     model_dir = app / "model"
     start = time.monotonic()
@@ -628,12 +798,26 @@ def serve_and_check(args, log: Log, summary: dict) -> None:
     summary["weights_seconds"] = round(time.monotonic() - start, 1)
     summary["configs"] = configs_as_in_repo(model_dir, log)
     summary["networks"] = served_networks(model_dir, log)
+    if args.prepare_only:
+        cmd = server_command(app, studies, args.port or 8000, args.trainers)
+        venv_python = Path(sys.prefix) / "bin" / "python"
+        command = shlex.join([str(venv_python), *cmd[1:]])
+        summary["start_command"] = command
+        log(f"prepared: the app {app} serves {', '.join(BUNDLES)} on the studies in {studies}; start it with")
+        print(f"\n    {command}\n", flush=True)
+        print(
+            f"then, for example: curl -X POST \"http://127.0.0.1:{args.port or 8000}/infer/pipeline?image={image_id}&output=image\" "
+            f"-F \"params={{}}\" -o {image_id}_flare23.nii.gz\n",
+            flush=True,
+        )
+        return
     port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
     socket.setdefaulttimeout(args.request_timeout)  # MONAI Label's client opens connections without one
     proc, server_log = start_server(app, studies, work, port, args.trainers, log)
     summary["server_log"] = str(server_log)
     try:
-        client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(work / "answers"))
+        client = MONAILabelClient(url, tmpdir=str(work / "answers"))
         (work / "answers").mkdir(exist_ok=True)
         info, ready = wait_ready(client, proc, server_log, args.start_timeout, log)
         log(f"server: ready on 127.0.0.1:{port} after {ready:.0f} s")
@@ -642,22 +826,45 @@ def serve_and_check(args, log: Log, summary: dict) -> None:
             log(f"server log: {line}")
         summary["models"] = check_info(info, model_dir, log)
         summary["trainers"] = sorted(info.get("trainers", {}))
-        summary["inference"] = {}
+        study = studies / f"{image_id}.nii.gz"
+        (work / "results").mkdir(exist_ok=True)
+        # the batch: per bundle, the study by its id and the same CT uploaded; nothing may stay behind in the work folder
+        before = tree(work, OWN_OUTPUTS)
+        summary["inference"], summary["uploads"] = {}, {}
         for name in args.models:
-            start = time.monotonic()
-            try:
-                label_file, params = client.infer(name, image_id, {})
-            except Exception as exc:  # noqa: BLE001 - MONAI Label answers 500 with no detail: the server log has it
-                raise RunError(f"inference {name}: {exc}; the server says: {last_error(server_log)}") from None
-            seconds = time.monotonic() - start
-            keep = work / "results" / f"{name}.nii.gz"
-            keep.parent.mkdir(exist_ok=True)
-            if label_file and Path(label_file).is_file():
-                shutil.move(label_file, keep)
-                label_file = str(keep)
-            summary["inference"][name] = check_answer(
-                name, label_file, params or {}, studies / f"{image_id}.nii.gz", model_dir, seconds, log
-            )
+            for how, key, upload in (("inference", "inference", None), ("upload", "uploads", study)):
+                label_file, params, seconds = send(client, name, "" if upload else image_id, upload, server_log, log, how)
+                keep = work / "results" / (f"{name}.nii.gz" if not upload else f"{name}_upload.nii.gz")
+                if label_file and Path(label_file).is_file():
+                    shutil.move(label_file, keep)
+                    label_file = str(keep)
+                summary[key][name] = check_answer(name, label_file, params, study, model_dir, seconds, log, how)
+        time.sleep(1.0)  # MONAI Label removes each answer's temporary file after sending it
+        after = tree(work, OWN_OUTPUTS)
+        changes = tree_changes(before, after)
+        summary["leftovers"] = {"before": before, "after": after, **changes}
+        log(
+            f"leftovers: {2 * len(args.models)} requests; files under {work} (the app, the studies, the server's working and "
+            f"temporary folders): {len(before)} before, {len(after)} after; new {changes['new']}, removed {changes['removed']}, "
+            f"changed {changes['changed']}"
+        )
+        if changes["new"] or changes["removed"]:
+            raise RunError(f"the requests left files behind or removed some: new {changes['new']}, removed {changes['removed']}")
+        # refusals: a corrupt upload and an unknown image id
+        before = tree(work, OWN_OUTPUTS)
+        summary["refusals"] = check_refusals(url, studies, work, args.models, server_log, args.request_timeout, log)
+        after = tree(work, OWN_OUTPUTS)
+        changes = tree_changes(before, after)
+        summary["refusal_leftovers"] = changes
+        log(f"refusal leftovers: new {changes['new']}, removed {changes['removed']}")
+        stray = [f for f in changes["new"] if not f.startswith(SERVER_TMP + os.sep)] + changes["removed"]
+        if stray:
+            raise RunError(f"the refused requests left files behind in the app's folders: {stray}")
+        # the server still answers after the refusals
+        label_file, params, seconds = send(client, args.models[-1], image_id, None, server_log, log, "after refusals")
+        keep = work / "results" / "after_refusals.nii.gz"
+        shutil.move(label_file, keep)
+        summary["after_refusals"] = check_answer(args.models[-1], str(keep), params, study, model_dir, seconds, log, "after refusals")
         summary["server_networks"] = server_networks(server_log, model_dir, args.weights, log)
     finally:
         stop_server(proc, log)
@@ -674,7 +881,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--python", default=sys.executable, help="the Python that makes the environment (3.10+)")
     p.add_argument(
-        "--image", default=str(DEFAULT_IMAGE), help="a CT in NIfTI (default: ../shared/data/real_ct/ts_example_ct/ct.nii.gz)"
+        "--image",
+        default="",
+        help="a CT in NIfTI (default: ../shared/data/real_ct/ts_example_ct/ct.nii.gz beside the repository when it is there, "
+        "else a phantom generated in the work folder)",
     )
     p.add_argument(
         "--crop",
@@ -701,6 +911,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the server to answer /info/")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds one HTTP request may take")
     p.add_argument("--env-only", action="store_true", help="make the environment and stop")
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="make the environment and the app folder (with --weights), print the command that starts the server, and stop",
+    )
     p.add_argument(INSIDE_FLAG, dest="inside", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -714,7 +929,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         p.error(f"--models: unknown bundle(s) {unknown}; choose among {list(BUNDLES)}")
     image = Path(args.image)
-    if not args.env_only and not (image.is_file() and (image.name.endswith(".nii.gz") or image.suffix == ".nii")):
+    if args.image and not args.env_only and not (image.is_file() and (image.name.endswith(".nii.gz") or image.suffix == ".nii")):
         p.error(f"--image {image}: not a NIfTI file")
     return args
 
@@ -741,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
         vpy = Path(env["venv"]) / "bin" / "python"
         # The rest needs torch, monai and monailabel: run it with the environment's Python.
         return subprocess.run([str(vpy), str(Path(__file__).resolve()), *argv, INSIDE_FLAG]).returncode
-    summary: dict = {"ok": False, "image": str(Path(args.image).resolve()), "weights": args.weights}
+    summary: dict = {"ok": False, "image": str(Path(args.image).resolve()) if args.image else None, "weights": args.weights}
     env_file = work / "env.json"
     if env_file.is_file():
         summary["env"] = json.loads(env_file.read_text())
@@ -751,7 +966,13 @@ def main(argv: list[str] | None = None) -> int:
         serve_and_check(args, log, summary)
         summary["ok"] = True
         code = 0
-        log(f"OK: the four bundles loaded in MONAI Label's monaibundle app; {len(args.models)} inference request(s) answered")
+        if args.prepare_only:
+            log(f"OK: the app is ready in {work / 'apps' / 'monaibundle'}; start the server with the command above")
+        else:
+            log(
+                f"OK: the four bundles loaded in MONAI Label's monaibundle app; {2 * len(args.models)} inference request(s) "
+                f"answered with uint8 label maps, no file left behind; {2 * len(args.models)} bad request(s) refused"
+            )
     except RunError as exc:
         summary["error"] = str(exc)
         log(f"FAILED: {exc}")

@@ -1,0 +1,218 @@
+"""The engine that runs the cascade's networks: PyTorch eager, or OpenVINO on a CPU (issue 23, item 1).
+
+At the paper's widths the three networks are 97 % of the pipeline's CPU time, and PyTorch eager is
+not the fastest way to run them there: OpenVINO's CPU plugin ran one organ window 1.62x and one
+tumor window 1.95x faster on this project's 2-core AVX2 machine (issue 23's table, one thread).
+Everything around the forward pass (MONAI's windows and Gaussian weights, the streaming of slabs,
+resampling back, post-processing) stays as it is: :class:`OpenVinoNetwork` is a drop-in callable for
+the network, ``(n, 1, *window)`` torch tensor in, ``(n, C, *window)`` logits out.
+
+Engines: ``torch``, ``openvino``, ``auto`` (OpenVINO on a CPU, PyTorch on CUDA: OpenVINO's CPU
+plugin is what this module targets). :func:`resolve_engine` refuses ``openvino`` on a CUDA device in
+one line.
+
+Conversion happens once per network and is cached. The cache key is a SHA-256 of the network's
+weights (names, shapes, dtypes and bytes of its ``state_dict``), the window size, the precision and
+the OpenVINO version, so a retrained checkpoint, another window or an OpenVINO upgrade converts
+again; the cache holds ``<name>-<key>.xml`` / ``.bin`` and a ``.json`` record with the key's parts and
+the SHA-256 of both files. A record that does not match or a file whose hash differs (a damaged or
+truncated cache) is rebuilt with a warning, never trusted. Cache files are written to temporary
+names and renamed, so an interrupted conversion leaves nothing that looks complete. The cache lives
+beside the checkpoint (``<checkpoint folder>/.openvino``) where that folder is writable, else under
+``~/.cache/flare23/openvino``.
+
+The batch dimension is dynamic (``sw_batch_size`` and a smaller last batch use the same model); the
+window is static, which is what lets OpenVINO pick its fastest kernels. ``fp32`` forces f32
+inference precision (no silent bf16 on CPUs that have it), so the logits match PyTorch's to float32
+rounding (``tests/test_engine.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from flare23.errors import Flare23Error
+from flare23.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("torch", "openvino", "auto")
+CACHE_FOLDER = ".openvino"
+USER_CACHE = "~/.cache/flare23/openvino"
+_CHUNK = 1 << 20
+
+
+def resolve_engine(engine: str, device) -> str:
+    """``torch`` or ``openvino`` for ``engine`` on ``device`` (``auto``: OpenVINO on a CPU, PyTorch on CUDA)."""
+    if engine not in ENGINES:
+        raise Flare23Error(f"engine {engine!r} is not one of: {', '.join(ENGINES)}")
+    kind = torch.device(device).type
+    if engine == "auto":
+        return "openvino" if kind == "cpu" else "torch"
+    if engine == "openvino" and kind != "cpu":
+        raise Flare23Error(f"engine openvino runs on the CPU only, the device is {kind}: use --engine torch or auto")
+    return engine
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of the module's ``state_dict``: every name, shape, dtype and byte, in order."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir_for(checkpoint: str | os.PathLike | None) -> Path:
+    """``<checkpoint folder>/.openvino`` when that folder is writable, else the user's cache folder."""
+    if checkpoint:
+        folder = Path(checkpoint).expanduser().resolve().parent
+        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+            return folder / CACHE_FOLDER
+    return Path(USER_CACHE).expanduser()
+
+
+class OpenVinoNetwork:
+    """``module`` compiled by OpenVINO for windows of ``window`` voxels, behind the same call as the module.
+
+    Args:
+        module: the loaded network (eval mode is set; its weights are not changed).
+        window: the sliding window's size (three ints; the network input is ``(n, 1, *window)``).
+        cache_dir: folder of the converted models (:func:`cache_dir_for`).
+        name: a prefix for the cache files (``organ``, ``tumor``, ``roi``).
+        threads: CPU threads for OpenVINO (default: ``torch.get_num_threads()``, what ``--threads`` set).
+        in_channels: input channels (1 for CT).
+
+    ``converted`` says whether this instance converted the network (False: read from the cache);
+    ``convert_seconds`` is the time spent converting or reading the cache.
+    """
+
+    def __init__(self, module: torch.nn.Module, window: Sequence[int], cache_dir, name: str = "network",
+                 threads: int | None = None, in_channels: int = 1):  # fmt: skip
+        import openvino as ov
+
+        t0 = time.perf_counter()
+        self.window = tuple(int(w) for w in window)
+        self.in_channels = int(in_channels)
+        module = module.eval()
+        self.key_parts = {
+            "weights_sha256": weights_digest(module),
+            "window": list(self.window),
+            "in_channels": self.in_channels,
+            "precision": "fp32",
+            "openvino": ov.__version__,
+            "format": 1,
+        }
+        key = hashlib.sha256(json.dumps(self.key_parts, sort_keys=True).encode()).hexdigest()[:20]
+        self.cache_dir = Path(cache_dir).expanduser()
+        stem = self.cache_dir / f"{name}-{key}"
+        self.xml, self.bin, self.record = stem.with_suffix(".xml"), stem.with_suffix(".bin"), stem.with_suffix(".json")
+        core = ov.Core()
+        model = self._read_cache(core)
+        self.converted = model is None
+        if model is None:
+            model = self._convert(ov, module)
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config["INFERENCE_NUM_THREADS"] = int(threads or torch.get_num_threads())
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.convert_seconds = time.perf_counter() - t0
+
+    def _read_cache(self, core):
+        if not self.record.is_file():
+            return None
+        try:
+            record = json.loads(self.record.read_text())
+            if record.get("key") != self.key_parts:
+                raise ValueError("the record is for other weights, window or OpenVINO version")
+            for path, digest in ((self.xml, record["xml_sha256"]), (self.bin, record["bin_sha256"])):
+                if _file_digest(path) != digest:
+                    raise ValueError(f"{path.name} does not match its recorded hash")
+            return core.read_model(str(self.xml), str(self.bin))
+        except Exception as e:  # noqa: BLE001 - any damage means: convert again
+            warnings.warn(f"{self.record}: OpenVINO cache not usable ({e}); converting the network again", stacklevel=3)
+            return None
+
+    def _convert(self, ov, module):
+        example = torch.zeros((1, self.in_channels, *self.window))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the trace is of one fixed window: expected
+            model = ov.convert_model(module, example_input=example)
+        model.reshape({model.inputs[0]: ov.PartialShape([-1, self.in_channels, *self.window])})
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            # the record is written last: the cache counts only once both files are complete and hashed
+            with atomic_path(self.xml) as tmp_xml:
+                ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+                tmp_bin = tmp_xml.with_suffix(".bin")  # save_model writes the weights beside the xml
+                try:
+                    record = {"key": self.key_parts, "xml_sha256": _file_digest(tmp_xml), "bin_sha256": _file_digest(tmp_bin)}
+                    tmp_bin.replace(self.bin)
+                finally:
+                    tmp_bin.unlink(missing_ok=True)
+            with atomic_path(self.record) as tmp:
+                tmp.write_text(json.dumps(record, indent=1))
+        except (OSError, Flare23Error) as e:
+            warnings.warn(f"{self.cache_dir}: cannot write the OpenVINO cache ({e}); the network is converted on every run",
+                          stacklevel=3)  # fmt: skip
+        return model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != (self.in_channels, *self.window):
+            raise ValueError(f"OpenVINO network compiled for (n, {self.in_channels}, {self.window}), got {tuple(x.shape)}")
+        out = self.request.infer({0: x.detach().to("cpu", torch.float32).contiguous().numpy()})
+        return torch.from_numpy(out[self.compiled.outputs[0]].copy())
+
+    def eval(self):  # the cascade treats it as a module in eval mode
+        return self
+
+
+class EngineNetworks:
+    """The networks the cascade runs, per ``engine``: each network itself (PyTorch) or its OpenVINO compilation.
+
+    OpenVINO runs in fp32: where ``precision`` asks for bf16 (``bf16``, or ``auto`` on a CPU with native
+    bf16 kernels) PyTorch's bf16 autocast is used instead, and fp16 is refused with OpenVINO. Each
+    network is compiled (or read from its cache in ``cache_dir``) once per window, timed by ``timer`` as
+    the stage ``<name>_convert``.
+    """
+
+    def __init__(self, engine: str = "torch", precision: str = "auto", cache_dir=None):
+        if engine not in ENGINES:
+            raise Flare23Error(f"engine {engine!r} is not one of: {', '.join(ENGINES)}")
+        self.engine, self.precision, self.cache_dir = engine, precision, cache_dir
+        self._compiled: dict = {}
+
+    def network_for(self, name: str, window: Sequence[int], net: torch.nn.Module, device, timer=None):
+        from flare23.inference.cascade import cpu_has_fast_bf16
+
+        if resolve_engine(self.engine, device) == "torch" or self.precision == "bf16":
+            return net
+        if self.precision == "auto" and cpu_has_fast_bf16():
+            return net
+        if self.precision not in ("auto", "fp32"):
+            raise Flare23Error(f"precision {self.precision} is not available with engine openvino (fp32 only; use auto or fp32)")
+        key = (name, id(net), tuple(int(w) for w in window))
+        if key not in self._compiled:
+            with timer(f"{name}_convert") if timer is not None else contextlib.nullcontext():
+                folder = self.cache_dir or cache_dir_for(None)
+                self._compiled[key] = OpenVinoNetwork(net, window, folder, name=name)
+        return self._compiled[key]

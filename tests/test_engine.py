@@ -1,0 +1,175 @@
+"""The OpenVINO engine: same logits as PyTorch on tiny networks, a cache that is never trusted when stale or damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from test_segment_cli import checkpoints, phantom  # noqa: F401 - fixtures
+
+from flare23.constants import KERNELS_XYZ, ORGAN_STRIDES_XYZ, TUMOR_STRIDES_XYZ
+from flare23.errors import Flare23Error
+from flare23.inference.engine import CACHE_FOLDER, OpenVinoNetwork, cache_dir_for, resolve_engine, weights_digest
+from flare23.models.networks import LightUNet, NnDynUNet
+
+WINDOW = (64, 64, 32)  # the smallest the tiny networks take: 1 voxel at the bottom is refused by instance norm
+# logits of the tiny networks agree to float32 rounding of two implementations of the same graph; the
+# stated tolerance, checked on probabilities and labels as the cascade uses them:
+PROB_ATOL = 1e-4
+MIN_LABEL_AGREEMENT = 0.999
+
+
+def fine(strides=ORGAN_STRIDES_XYZ, seed=0):
+    torch.manual_seed(seed)
+    return NnDynUNet(spatial_dims=3, in_channels=1, out_channels=15, kernel_size=KERNELS_XYZ, strides=strides,
+                     upsample_kernel_size=strides[1:], filters=[4, 8, 8, 8, 8, 8], norm_name="instance",
+                     deep_supervision=False).eval()  # fmt: skip
+
+
+def roi_net(seed=0):
+    torch.manual_seed(seed)
+    return LightUNet(filters=[4, 8, 8, 8, 8]).eval()
+
+
+@pytest.fixture(scope="module")
+def organ(tmp_path_factory):
+    """A tiny organ network and its converted cache (converted once for the module)."""
+    net = fine()
+    folder = tmp_path_factory.mktemp("cache")
+    engine = OpenVinoNetwork(net, WINDOW, folder, name="organ")
+    assert engine.converted
+    return net, folder, engine
+
+
+@pytest.mark.parametrize("make", [lambda: fine(TUMOR_STRIDES_XYZ), roi_net], ids=["tumor", "roi"])
+def test_openvino_equals_pytorch_on_batches_of_any_size(make, tmp_path, organ):
+    net = make()
+    engine = OpenVinoNetwork(net, WINDOW, tmp_path, name="n")
+    check_equal(net, engine)
+    check_equal(*organ[::2])
+
+
+def check_equal(net, engine):
+    torch.manual_seed(1)
+    for n in (1, 3):  # sw_batch_size and a smaller last batch use the same compiled model
+        x = torch.randn(n, 1, *WINDOW) * 2
+        with torch.no_grad():
+            expected = net(x)
+        got = engine(x)
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        torch.testing.assert_close(torch.softmax(got, 1), torch.softmax(expected, 1), atol=PROB_ATOL, rtol=0)
+        agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+        assert agreement >= MIN_LABEL_AGREEMENT
+
+
+def test_the_cache_is_used_then_rebuilt_when_the_weights_change(organ, tmp_path):
+    net, folder, first = organ
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    second = OpenVinoNetwork(net, WINDOW, tmp_path, name="organ")
+    assert not second.converted
+    x = torch.randn(1, 1, *WINDOW)
+    torch.testing.assert_close(first(x), second(x), atol=0, rtol=0)
+    retrained = fine(seed=5)  # other weights: another key, converted, and its own results
+    assert weights_digest(retrained) != weights_digest(net)
+    third = OpenVinoNetwork(retrained, WINDOW, tmp_path, name="organ")
+    assert third.converted
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(third(x), 1), torch.softmax(retrained(x), 1), atol=PROB_ATOL, rtol=0)
+    other_window = OpenVinoNetwork(net, (64, 64, 64), tmp_path, name="organ")
+    assert other_window.converted
+    assert len(list(tmp_path.glob("organ-*.json"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate_bin", "other_version", "delete_bin"])
+def test_a_damaged_or_stale_cache_is_rebuilt_never_trusted(organ, tmp_path, damage):
+    net, folder, _ = organ
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    (record,) = tmp_path.glob("organ-*.json")
+    xml, binary = record.with_suffix(".xml"), record.with_suffix(".bin")
+    if damage == "truncate_bin":
+        binary.write_bytes(binary.read_bytes()[: binary.stat().st_size // 2])
+    elif damage == "flip_byte_xml":
+        data = bytearray(xml.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        xml.write_bytes(bytes(data))
+    elif damage == "other_version":
+        r = json.loads(record.read_text())
+        r["key"]["openvino"] = "0.0.0"
+        record.write_text(json.dumps(r))
+    else:
+        binary.unlink()
+    with pytest.warns(UserWarning, match="OpenVINO cache not usable"):
+        again = OpenVinoNetwork(net, WINDOW, tmp_path, name="organ")
+    assert again.converted
+    x = torch.randn(2, 1, *WINDOW)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(again(x), 1), torch.softmax(net(x), 1), atol=PROB_ATOL, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # repaired: the next run reads it silently
+        assert not OpenVinoNetwork(net, WINDOW, tmp_path, name="organ").converted
+
+
+def test_the_cache_sits_beside_the_checkpoint_or_in_the_users_cache(tmp_path, monkeypatch):
+    ckpt = tmp_path / "models" / "model.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    assert cache_dir_for(ckpt) == ckpt.parent / CACHE_FOLDER
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ckpt.parent.chmod(0o555)
+        try:
+            assert cache_dir_for(ckpt) == tmp_path / "home" / ".cache" / "flare23" / "openvino"
+        finally:
+            ckpt.parent.chmod(0o755)
+    assert cache_dir_for(None) == tmp_path / "home" / ".cache" / "flare23" / "openvino"
+
+
+def test_engine_choice():
+    assert resolve_engine("auto", "cpu") == "openvino"
+    assert resolve_engine("auto", "cuda") == "torch"
+    assert resolve_engine("torch", "cpu") == "torch"
+    with pytest.raises(Flare23Error, match="CPU only"):
+        resolve_engine("openvino", "cuda")
+    with pytest.raises(Flare23Error, match="not one of"):
+        resolve_engine("tensorrt", "cpu")
+
+
+def test_a_window_of_another_size_is_refused(organ):
+    engine = organ[2]
+    with pytest.raises(ValueError, match="compiled for"):
+        engine(torch.zeros(1, 1, 64, 64, 64))
+
+
+# --- the engine inside the cascade: flare23 segment --engine ------------------------------------------------------------
+def test_segment_with_openvino_gives_the_labels_of_pytorch_and_caches_beside_the_checkpoints(phantom, checkpoints, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    import nibabel as nib
+    import numpy as np
+    from test_pipeline_bundle import _env, _tiny_args
+
+    args = [a for a in _tiny_args() if a not in ("--load_pretrain", "false")]
+    for part in ("roi", "organ", "tumor"):
+        args += [f"--{part}_ckpt", str(checkpoints[part])]
+    cache = checkpoints["organ"].parent / CACHE_FOLDER
+    labels, listing = {}, []
+    for run, engine in enumerate(("torch", "openvino", "openvino")):
+        out = tmp_path / f"{run}_{engine}" / "seg.nii.gz"
+        r = subprocess.run([sys.executable, "-m", "flare23", "segment", "-i", str(phantom / "a.1.nii.gz"), "-o", str(out),
+                            "--engine", engine, *args], capture_output=True, text=True, env=_env(), timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        labels[run] = np.asarray(nib.load(str(out)).dataobj)
+        timings = (out.parent / "seg_timings.csv").read_text().splitlines()[0].split(",")
+        assert ("organ_convert" in timings and "tumor_convert" in timings) == (engine == "openvino")
+        if engine == "openvino":
+            listing.append(sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir()))
+    assert len(listing[0]) == 6  # organ and tumor: xml, bin, record
+    assert listing[1] == listing[0]  # the second run read the cache and wrote nothing
+    assert np.array_equal(labels[1], labels[2])
+    agreement = float((labels[0] == labels[1]).mean())
+    assert agreement >= 0.999, agreement
