@@ -110,12 +110,7 @@ class SaveLabeld(FileWriterd):
         affine = np.asarray(ref.affine.detach().cpu().numpy(), dtype=float)
         source = Path(str(ref.meta.get("filename_or_obj", "")))
         name = str(ref.meta.get("case") or source.name)
-        for key in self.key_iterator(d):
-            labels = d[key]
-            labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
-            labels = labels.detach().cpu().numpy()
-            if labels.size == 0:
-                continue  # the inferer failed on this case and reported it
+        for labels in case_label_maps(d, self.key_iterator(d)):
             while labels.ndim > 3:
                 labels = labels[0]
             if labels.shape != tuple(ref.shape[-3:]):
@@ -127,6 +122,17 @@ class SaveLabeld(FileWriterd):
             save_nifti(labels.astype(np.uint8, copy=False), affine, out)
             self.written.append(out)
         return d
+
+
+def case_label_maps(data: dict, keys):
+    """The label maps under ``keys`` of a case's dict, as numpy arrays; an empty one (a case the inferer failed and
+    reported) is skipped. What every writer of the pipeline's result (NIfTI, DICOM SEG) starts from."""
+    for key in keys:
+        labels = data[key]
+        labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
+        labels = labels.detach().cpu().numpy()
+        if labels.size:
+            yield labels
 
 
 def _case_of(batch, key: str = "case", default: str = "case") -> str:

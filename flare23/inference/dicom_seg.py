@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from flare23.errors import Flare23Error
+from flare23.inference.cases import case_label_maps
 from flare23.roi.transforms import FileWriterd
 
 logger = logging.getLogger(__name__)
@@ -353,12 +354,7 @@ class SaveDicomSegd(FileWriterd):
         name = str(ref.meta.get("case") or source.name)
         nifti = self.output_dir / f"{name}{self.output_postfix}.nii.gz"
         affine = np.asarray(ref.affine.detach().cpu().numpy(), dtype=float)
-        for key in self.key_iterator(d):
-            labels = d[key]
-            labels = labels.as_tensor() if hasattr(labels, "as_tensor") else labels
-            labels = labels.detach().cpu().numpy()
-            if labels.size == 0:
-                continue  # the inferer failed on this case and reported it
+        for labels in case_label_maps(d, self.key_iterator(d)):
             try:
                 if not source.is_dir():
                     raise Flare23Error(
