@@ -84,6 +84,24 @@ def test_the_cache_is_used_then_rebuilt_when_the_weights_change(organ, tmp_path)
     assert len(list(tmp_path.glob("organ-*.json"))) == 3
 
 
+def test_the_same_weights_in_another_architecture_are_never_served_from_the_cache(organ, tmp_path):
+    """Weights do not show an activation's slope: a cache keyed by weights alone would run the wrong network."""
+    net, folder, _ = organ
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    torch.manual_seed(0)
+    other = NnDynUNet(spatial_dims=3, in_channels=1, out_channels=15, kernel_size=KERNELS_XYZ, strides=ORGAN_STRIDES_XYZ,
+                      upsample_kernel_size=ORGAN_STRIDES_XYZ[1:], filters=[4, 8, 8, 8, 8, 8], norm_name="instance",
+                      act_name=("leakyrelu", {"negative_slope": 0.3, "inplace": True}), deep_supervision=False).eval()  # fmt: skip
+    other.load_state_dict(net.state_dict())
+    assert weights_digest(other) == weights_digest(net)
+    engine = OpenVinoNetwork(other, WINDOW, tmp_path, name="organ")
+    assert engine.converted
+    x = torch.randn(1, 1, *WINDOW)
+    with torch.no_grad():
+        assert not torch.allclose(other(x), net(x), atol=1e-3)  # the two networks do differ
+        torch.testing.assert_close(torch.softmax(engine(x), 1), torch.softmax(other(x), 1), atol=PROB_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("damage", ["truncate_bin", "other_version", "delete_bin"])
 def test_a_damaged_or_stale_cache_is_rebuilt_never_trusted(organ, tmp_path, damage):
     net, folder, _ = organ

@@ -185,7 +185,7 @@ class CascadeInferer(Inferer):
         engine_cache: str | None = None,
     ):
         super().__init__()
-        self._engines = EngineNetworks(engine, precision, engine_cache)
+        self._engines = EngineNetworks(engine, engine_cache)
         self.tumor, self.organ = tumor, organ
         self.roi_params = dict(roi_params or {})
         self.block = int(block)
@@ -213,11 +213,12 @@ class CascadeInferer(Inferer):
         """
         half = device.type == "cuda" and self.precision != "fp32"
         name = branch.name
-        run = self._engines.network_for(branch.name, branch.patch_size, net, device, timer)
+        mixed = not isinstance(_autocast(device, self.precision), contextlib.nullcontext)
+        run = self._engines.network_for(name, branch.patch_size, net, device, autocast=mixed, timer=timer)
 
         def predictor(patch):
             with timer(f"{name}_network"):
-                with _autocast(device, self.precision) if run is net else contextlib.nullcontext():
+                with _autocast(device, self.precision):
                     logits = run(patch)
                 probs = torch.softmax(logits.float(), dim=1)
                 return probs.half() if half else probs

@@ -12,9 +12,10 @@ plugin is what this module targets). :func:`resolve_engine` refuses ``openvino``
 one line.
 
 Conversion happens once per network and is cached. The cache key is a SHA-256 of the network's
-weights (names, shapes, dtypes and bytes of its ``state_dict``), the window size, the precision and
-the OpenVINO version, so a retrained checkpoint, another window or an OpenVINO upgrade converts
-again; the cache holds ``<name>-<key>.xml`` / ``.bin`` and a ``.json`` record with the key's parts and
+weights (names, shapes, dtypes and bytes of its ``state_dict``), of its structure (its class and
+``repr``: layer types and settings that no weight shows, such as an activation's slope), the window
+size, the precision and the OpenVINO version, so a retrained checkpoint, another architecture with the
+same weights, another window or an OpenVINO upgrade converts again; the cache holds ``<name>-<key>.xml`` / ``.bin`` and a ``.json`` record with the key's parts and
 the SHA-256 of both files. A record that does not match or a file whose hash differs (a damaged or
 truncated cache) is rebuilt with a warning, never trusted. Cache files are written to temporary
 names and renamed, so an interrupted conversion leaves nothing that looks complete. The cache lives
@@ -116,6 +117,8 @@ class OpenVinoNetwork:
         module = module.eval()
         self.key_parts = {
             "weights_sha256": weights_digest(module),
+            # what the weights do not show: layer types and their settings (activation slopes, norms, kernels)
+            "structure_sha256": hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}".encode()).hexdigest(),
             "window": list(self.window),
             "in_channels": self.in_channels,
             "precision": "fp32",
@@ -189,27 +192,21 @@ class OpenVinoNetwork:
 class EngineNetworks:
     """The networks the cascade runs, per ``engine``: each network itself (PyTorch) or its OpenVINO compilation.
 
-    OpenVINO runs in fp32: where ``precision`` asks for bf16 (``bf16``, or ``auto`` on a CPU with native
-    bf16 kernels) PyTorch's bf16 autocast is used instead, and fp16 is refused with OpenVINO. Each
-    network is compiled (or read from its cache in ``cache_dir``) once per window, timed by ``timer`` as
-    the stage ``<name>_convert``.
+    OpenVINO runs in fp32. Where the run's precision makes PyTorch autocast (bf16, or fp16 on CUDA; the
+    caller says so with ``autocast``) the network itself is returned, so the precision the user asked for
+    is the one used. Each network is compiled (or read from its cache in ``cache_dir``) once per window,
+    timed by ``timer`` as the stage ``<name>_convert``.
     """
 
-    def __init__(self, engine: str = "torch", precision: str = "auto", cache_dir=None):
+    def __init__(self, engine: str = "torch", cache_dir=None):
         if engine not in ENGINES:
             raise Flare23Error(f"engine {engine!r} is not one of: {', '.join(ENGINES)}")
-        self.engine, self.precision, self.cache_dir = engine, precision, cache_dir
+        self.engine, self.cache_dir = engine, cache_dir
         self._compiled: dict = {}
 
-    def network_for(self, name: str, window: Sequence[int], net: torch.nn.Module, device, timer=None):
-        from flare23.inference.cascade import cpu_has_fast_bf16
-
-        if resolve_engine(self.engine, device) == "torch" or self.precision == "bf16":
+    def network_for(self, name: str, window: Sequence[int], net: torch.nn.Module, device, autocast: bool = False, timer=None):
+        if autocast or resolve_engine(self.engine, device) == "torch":
             return net
-        if self.precision == "auto" and cpu_has_fast_bf16():
-            return net
-        if self.precision not in ("auto", "fp32"):
-            raise Flare23Error(f"precision {self.precision} is not available with engine openvino (fp32 only; use auto or fp32)")
         key = (name, id(net), tuple(int(w) for w in window))
         if key not in self._compiled:
             with timer(f"{name}_convert") if timer is not None else contextlib.nullcontext():
