@@ -355,7 +355,7 @@ def test_writer_refuses_a_foreign_grid_an_unknown_label_and_the_series_folder_an
 
 
 def test_save_dicom_segd_formats(tmp_path):
-    """The pipeline's writer: nifti does nothing, both adds the SEG, dicom-seg replaces the NIfTI; a NIfTI input is refused."""
+    """The pipeline's writers: nifti writes the NIfTI only, both adds the SEG, dicom-seg writes the SEG only; a NIfTI input is refused."""
     import torch
 
     from flare23.inference.cases import ReadCased, SaveLabeld
@@ -372,7 +372,7 @@ def test_save_dicom_segd_formats(tmp_path):
     ):
         out = tmp_path / f"out_{fmt}"
         data = {"image": d["image"], "pred": labels}
-        SaveDicomSegd(keys="pred", output_dir=str(out), output_format=fmt)(SaveLabeld(keys="pred", output_dir=str(out))(data))
+        SaveDicomSegd(keys="pred", output_dir=str(out), output_format=fmt)(SaveLabeld(keys="pred", output_dir=str(out), output_format=fmt)(data))
         assert sorted(p.name for p in out.iterdir()) == files, fmt
     nifti = tmp_path / "b.nii.gz"
     save_nifti(body((24, 24, 4)), np.eye(4), nifti)

@@ -84,17 +84,42 @@ class ReadCased(MapTransform):
         return d
 
 
+#: What the pipeline writes per case (``output_format``, ``flare23 segment --format``).
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
+
+
+def check_output_format(value) -> str:
+    """``value`` as one of :data:`OUTPUT_FORMATS` (``dicom_seg`` and any case accepted), else a one-line error."""
+    text = str(value).strip().lower().replace("_", "-")
+    if text == "dicomseg" or text == "seg":
+        text = "dicom-seg"
+    if text not in OUTPUT_FORMATS:
+        raise Flare23Error(f"--format {value}: expected one of {', '.join(OUTPUT_FORMATS)}")
+    return text
+
+
+def wants_seg(output_format: str) -> bool:
+    return check_output_format(output_format) in ("dicom-seg", "both")
+
+
+def wants_nifti(output_format: str) -> bool:
+    return check_output_format(output_format) in ("nifti", "both")
+
+
 class SaveLabeld(FileWriterd):
     """Write ``d[key]`` (a label map ``(1, X, Y, Z)``) as uint8 NIfTI ``output_dir/<case>.nii.gz``, atomically.
 
-    Shape and affine are those of ``d[meta_key]`` (the input image). An output path equal to the
+    Shape and affine are those of ``d[meta_key]`` (the input image). Nothing is written when
+    ``output_format`` is ``dicom-seg`` (:class:`flare23.inference.dicom_seg.SaveDicomSegd` writes the SEG). An output path equal to the
     input path is refused: results go next to, never over, the user's files. A
     :class:`~flare23.roi.transforms.FileWriterd`: MONAI Label drops it from the postprocessing and
     writes its answer itself, so a request leaves no file behind.
     """
 
-    def __init__(self, keys="pred", output_dir: str = "output", meta_key: str = "image", output_postfix: str = ""):
+    def __init__(self, keys="pred", output_dir: str = "output", meta_key: str = "image", output_postfix: str = "",
+                 output_format: str = "nifti"):  # fmt: skip
         super().__init__(keys)
+        self.output_format = check_output_format(output_format)
         self.output_dir = Path(output_dir)
         self.meta_key = meta_key
         self.output_postfix = output_postfix
@@ -105,8 +130,8 @@ class SaveLabeld(FileWriterd):
 
         d = dict(data)
         ref = d[self.meta_key]
-        if ref.meta.get("error"):
-            return d  # a failed case: nothing is written
+        if ref.meta.get("error") or not wants_nifti(self.output_format):
+            return d  # a failed case, or a run asked for the DICOM SEG only: nothing is written here
         affine = np.asarray(ref.affine.detach().cpu().numpy(), dtype=float)
         source = Path(str(ref.meta.get("filename_or_obj", "")))
         name = str(ref.meta.get("case") or source.name)

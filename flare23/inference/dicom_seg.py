@@ -54,13 +54,12 @@ from pathlib import Path
 import numpy as np
 
 from flare23.errors import Flare23Error
-from flare23.inference.cases import case_label_maps
+from flare23.inference.cases import case_label_maps, check_output_format, wants_seg
 from flare23.roi.transforms import FileWriterd
 
 logger = logging.getLogger(__name__)
 
 #: Values of ``--format`` / the pipeline's ``output_format``.
-OUTPUT_FORMATS = ("nifti", "dicom-seg", "both")
 #: File name ending of a DICOM SEG result: ``<case>.seg.dcm``.
 SEG_SUFFIX = ".seg.dcm"
 #: The SEG's SeriesNumber is the source's plus this.
@@ -74,24 +73,6 @@ _TYPE2_COPIED = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
     "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
 )  # fmt: skip
-
-
-def check_output_format(value) -> str:
-    """``value`` as one of :data:`OUTPUT_FORMATS` (``dicom_seg`` and any case accepted), else a one-line error."""
-    text = str(value).strip().lower().replace("_", "-")
-    if text == "dicomseg" or text == "seg":
-        text = "dicom-seg"
-    if text not in OUTPUT_FORMATS:
-        raise Flare23Error(f"--format {value}: expected one of {', '.join(OUTPUT_FORMATS)}")
-    return text
-
-
-def wants_seg(output_format: str) -> bool:
-    return check_output_format(output_format) in ("dicom-seg", "both")
-
-
-def wants_nifti(output_format: str) -> bool:
-    return check_output_format(output_format) in ("nifti", "both")
 
 
 # --- what the SEG says about the algorithm ---------------------------------------------------------------------------
@@ -316,8 +297,8 @@ class SaveDicomSegd(FileWriterd):
     """Write ``d[key]`` (the label map of a DICOM series, ``(1, X, Y, Z)``) as ``output_dir/<case><postfix>.seg.dcm``.
 
     Placed after :class:`flare23.inference.cases.SaveLabeld` in the pipeline's postprocessing:
-    ``output_format`` ``nifti`` does nothing, ``both`` adds the SEG, ``dicom-seg`` adds it and removes
-    the ``<case><postfix>.nii.gz`` that the NIfTI writer made of the same labels. A case whose input is
+    ``output_format`` ``nifti`` does nothing, ``both`` and ``dicom-seg`` write the SEG (the NIfTI writer,
+    given the same ``output_format``, writes the NIfTI for ``nifti`` and ``both`` only). A case whose input is
     not a DICOM series, or whose series cannot be referenced, is a one-line error naming it
     (``flare23 segment`` checks all of them before any work). ``bundles``: the bundle folders named,
     with their versions, in the SEG (default: the project's four). A
@@ -352,21 +333,16 @@ class SaveDicomSegd(FileWriterd):
             return d  # a failed case: nothing is written
         source = Path(str(ref.meta.get("filename_or_obj", "")))
         name = str(ref.meta.get("case") or source.name)
-        nifti = self.output_dir / f"{name}{self.output_postfix}.nii.gz"
         affine = np.asarray(ref.affine.detach().cpu().numpy(), dtype=float)
         for labels in case_label_maps(d, self.key_iterator(d)):
-            try:
-                if not source.is_dir():
-                    raise Flare23Error(
-                        f"{source}: output_format {self.output_format} needs a DICOM series as input, this is a NIfTI file "
-                        "(use output_format nifti)"
-                    )
-                ensure_output_dir(self.output_dir)
-                out = write_dicom_seg(labels, affine, source, self.output_dir / f"{name}{self.output_postfix}{SEG_SUFFIX}",
-                                      bundle_dirs=self.bundles)  # fmt: skip
-                if out is not None:
-                    self.written.append(out)
-            finally:
-                if self.output_format == "dicom-seg" and nifti.is_file() and nifti.resolve() != source.resolve():
-                    nifti.unlink()  # written by the NIfTI writer before this one: not asked for
+            if not source.is_dir():
+                raise Flare23Error(
+                    f"{source}: output_format {self.output_format} needs a DICOM series as input, this is a NIfTI file "
+                    "(use output_format nifti)"
+                )
+            ensure_output_dir(self.output_dir)
+            out = write_dicom_seg(labels, affine, source, self.output_dir / f"{name}{self.output_postfix}{SEG_SUFFIX}",
+                                  bundle_dirs=self.bundles)  # fmt: skip
+            if out is not None:
+                self.written.append(out)
         return d

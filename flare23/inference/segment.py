@@ -189,7 +189,7 @@ def _stem(name: str) -> str:
 
 def _output_format(format, overrides: dict) -> str:
     """``--format`` and the bundle id ``--output_format`` (either; both must agree), checked; default ``nifti``."""
-    from flare23.inference.dicom_seg import check_output_format
+    from flare23.inference.cases import check_output_format
 
     given = overrides.pop("output_format", None)
     if format is not None and given is not None and check_output_format(format) != check_output_format(given):
@@ -244,7 +244,8 @@ def segment(
     """Segment INPUT into OUTPUT with the pipeline bundle; returns the written result files (NIfTI and / or DICOM SEG)."""
     from flare23.data.readers import list_cases
     from flare23.efficiency import parse_threads
-    from flare23.inference.dicom_seg import SEG_SUFFIX, wants_nifti, wants_seg
+    from flare23.inference.cases import wants_nifti, wants_seg
+    from flare23.inference.dicom_seg import SEG_SUFFIX
 
     src, dst = Path(input), Path(output)
     overrides = _normalise(overrides)
