@@ -28,7 +28,7 @@ from flare23.errors import Flare23Error
 PACKAGE_BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 
 
-def bundle_folder(name: str, cwd: str | os.PathLike | None = None) -> str:
+def bundle_folder(name: str, cwd: str | os.PathLike | None = None, argv: list[str] | None = None) -> str:
     """The default ``bundle_root`` of bundle ``name``'s configs: its folder, wherever MONAI is run from.
 
     Model Zoo bundles are run from their own folder with ``bundle_root`` ``.`` (the Zoo's commands, and its
@@ -36,15 +36,21 @@ def bundle_folder(name: str, cwd: str | os.PathLike | None = None) -> str:
     repository root (``--config_file bundles/organ_seg/configs/train.json``). A fixed string serves only
     one of them, so each config's ``bundle_root`` is ``$flare23.bundles.bundle_folder('<name>')``:
 
+    0. under ``python -m monai.bundle`` (or with ``argv``): the folder of the bundle whose ``configs/`` holds the
+       first ``--config_file`` (``"."`` when that is ``cwd``), so a copied or renamed bundle uses its own files,
+       never the project's (a pipeline copied elsewhere must read the sub-bundles beside *it*);
     1. ``cwd`` is the bundle's folder (named ``name``, with ``configs/metadata.json``): ``"."``;
     2. ``cwd`` holds ``bundles/<name>`` (the repository root): ``"bundles/<name>"``;
     3. else the ``bundles/<name>`` beside the installed package, as an absolute path;
     4. else ``"."`` (MONAI's own default: a missing file is then reported under ``./configs``).
 
-    The first two are relative, as MONAI's own default is. A renamed bundle folder is rule 3 or 4: pass
-    ``--bundle_root .`` there. An explicit ``--bundle_root`` always wins over this default.
+    The first two are relative, as MONAI's own default is. A renamed bundle folder is found by rule 0 under
+    ``python -m monai.bundle``; a program that parses a config itself passes ``bundle_root``. An explicit ``--bundle_root`` always wins over this default.
     """
     here = Path(cwd) if cwd is not None else Path.cwd()
+    given = _config_file_bundle(argv)
+    if given is not None:
+        return "." if given.resolve() == here.resolve() else str(given)
     if here.resolve().name == name and (here / "configs" / "metadata.json").is_file():
         return "."
     if (here / "bundles" / name / "configs" / "metadata.json").is_file():
@@ -150,6 +156,34 @@ def _run_parameters() -> set[str]:
     return names - {"self"}
 
 
+def _command_line_flags(argv: list[str] | None = None) -> dict | None:
+    """The ``--key value`` options of ``python -m monai.bundle``'s command line (``argv`` for tests), ``--args_file``'s
+    entries under them; None when this process is not ``python -m monai.bundle`` and no ``argv`` is given."""
+    if argv is None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if getattr(spec, "name", "") != "monai.bundle.__main__":
+            return None
+        argv = sys.argv[1:]
+    flags = _flags(list(argv))
+    if flags.get("args_file") not in (None, True):
+        from monai.bundle import ConfigParser
+
+        flags = {**ConfigParser.load_config_file(str(flags["args_file"])), **flags}
+    return flags
+
+
+def _config_file_bundle(argv: list[str] | None = None) -> Path | None:
+    """The bundle folder of the first ``--config_file`` that lies in one (``<bundle>/configs/<file>.json``)."""
+    flags = _command_line_flags(argv)
+    if flags is None or flags.get("config_file") in (None, True):
+        return None
+    for name in _files(flags["config_file"]):
+        path = Path(name).expanduser()
+        if path.parent.name == "configs" and (path.parent / "metadata.json").is_file():
+            return path.parent.parent
+    return None
+
+
 def refuse_unknown_ids(argv: list[str] | None = None) -> None:
     """An ``initialize`` step: refuse a command-line override that names no id of the merged config files.
 
@@ -161,19 +195,11 @@ def refuse_unknown_ids(argv: list[str] | None = None) -> None:
     override once they are merged, so outside ``monai.bundle``'s command line (``flare23 segment``
     checks its options itself; a program passes its own overrides) it does nothing.
     """
-    if argv is None:
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if getattr(spec, "name", "") != "monai.bundle.__main__":
-            return
-        argv = sys.argv[1:]
+    flags = _command_line_flags(argv)
+    if flags is None or flags.get("config_file") in (None, True):
+        return
     from monai.bundle import ConfigParser
 
-    flags = _flags(list(argv))
-    if flags.get("args_file") not in (None, True):
-        defaults = ConfigParser.load_config_file(str(flags["args_file"]))
-        flags = {**defaults, **flags}
-    if flags.get("config_file") in (None, True):
-        return
     files = _files(flags["config_file"])
     parser = ConfigParser()
     parser.read_config(files)

@@ -445,6 +445,32 @@ def test_bundle_root_is_the_bundle_folder_from_the_folder_the_repository_root_an
             assert Path(parser.get_parsed_content(f"{sub}_bundle")) == bundles / {"roi": "roi_extractor"}.get(sub, f"{sub}_seg")
 
 
+def test_a_copied_bundle_run_by_its_config_file_uses_its_own_folder_and_siblings(tmp_path):
+    """``python -m monai.bundle run --config_file <copy>/pipeline/configs/inference.json`` from anywhere: the copy's
+    folder, never the project's bundles beside the package (which would segment with other sub-bundle configs)."""
+    import shutil
+
+    copy = tmp_path / "my bundles"
+    for bundle in BUNDLES:
+        shutil.copytree(ROOT / "bundles" / bundle / "configs", copy / bundle / "configs")
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    config = copy / "pipeline" / "configs" / "inference.json"
+    for value in (str(config), f"['{config}', '{copy / 'pipeline' / 'configs' / 'evaluate.json'}']"):
+        argv = ["run", "evaluating", "--config_file", value, "--dataset_dir", "x"]
+        assert bundle_folder("pipeline", cwd=elsewhere, argv=argv) == str(copy / "pipeline")
+        assert bundle_folder("pipeline", cwd=copy / "pipeline", argv=argv) == "."
+    # with that bundle_root the pipeline reads the copy's sub-bundles
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser["bundle_root"] = bundle_folder("pipeline", cwd=elsewhere, argv=["run", "--config_file", str(config)])
+    assert Path(parser.get_parsed_content("organ_bundle")) == copy / "organ_seg"
+    # a config file outside a bundle's configs/ folder says nothing: the other rules apply
+    loose = tmp_path / "mine.json"
+    loose.write_text("{}")
+    assert bundle_folder("organ_seg", cwd=ROOT, argv=["run", "--config_file", str(loose)]) == "bundles/organ_seg"
+
+
 # --- weights trained with deep-supervision heads, loaded without them ---------------------------------------------------
 def test_the_heads_are_dropped_by_name_and_every_other_key_is_strict(tmp_path):
     trained = training_network("organ_seg")
