@@ -21,6 +21,7 @@ def _commands() -> dict:
     from flare23.data.fingerprint import fingerprint_cli
     from flare23.data.labels import merge_labels_cli
     from flare23.evaluation.evaluate import evaluate_cli
+    from flare23.inference.calibrate import calibrate_cli
     from flare23.inference.segment import pack_cli, segment_cli
     from flare23.tools.phantoms.generate import phantoms_cli
     from flare23.tools.quickstart import quickstart_cli
@@ -35,6 +36,7 @@ def _commands() -> dict:
         "evaluate": evaluate_cli,
         "segment": segment_cli,
         "pack": pack_cli,
+        "calibrate": calibrate_cli,
         "quickstart": quickstart_cli,
     }
 

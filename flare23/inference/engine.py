@@ -48,8 +48,14 @@ from flare23.io import atomic_path
 logger = logging.getLogger(__name__)
 
 ENGINES = ("torch", "openvino", "auto")
+#: What OpenVINO runs: fp32 (logits of PyTorch to float32 rounding) or int8 (NNCF post-training quantisation).
+ENGINE_PRECISIONS = ("fp32", "int8")
+#: NNCF's settings for int8 (part of the cache key): MIXED = symmetric int8 weights, asymmetric activations (the
+#: leaky ReLU outputs are not symmetric about 0), fast bias correction.
+INT8_SETTINGS = {"preset": "mixed", "fast_bias_correction": True}
 CACHE_FOLDER = ".openvino"
 USER_CACHE = "~/.cache/flare23/openvino"
+CALIBRATION_RECORD = "calibration.json"
 _CHUNK = 1 << 20
 
 
@@ -63,6 +69,23 @@ def resolve_engine(engine: str, device) -> str:
     if engine == "openvino" and kind != "cpu":
         raise Flare23Error(f"engine openvino runs on the CPU only, the device is {kind}: use --engine torch or auto")
     return engine
+
+
+def check_engine(engine: str, precision: str, device, calibration: str | os.PathLike | None = None) -> str:
+    """The engine that runs, checked against ``precision`` before any case: ``int8`` needs OpenVINO on a CPU and a calibration.
+
+    One line per mistake: ``int8`` with ``engine=torch``, on a CUDA device, or without ``int8_calibration``.
+    """
+    resolved = resolve_engine(engine, device)
+    if precision == "int8":
+        if resolved != "openvino":
+            kind = torch.device(device).type
+            where = f"the device is {kind}" if kind != "cpu" else f"engine is {engine}"
+            raise Flare23Error(f"precision int8 runs on the OpenVINO engine on a CPU, but {where}: use --engine openvino (or auto) on the CPU, "
+                               "or another precision")  # fmt: skip
+        if not calibration:
+            raise Flare23Error("precision int8 needs --int8_calibration DIR, a folder made by `flare23 calibrate SCANS --out DIR`")
+    return resolved
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -92,6 +115,98 @@ def cache_dir_for(checkpoint: str | os.PathLike | None) -> Path:
     return Path(USER_CACHE).expanduser()
 
 
+def quantize_int8(model, windows):
+    """``model`` (an OpenVINO model) quantised to int8 by NNCF's post-training quantisation on ``windows``."""
+    import nncf
+
+    windows = list(windows)
+    if not windows:
+        raise Flare23Error("int8 calibration: no window with anything but background in the calibration scans")
+    nncf.set_log_level(logging.WARNING)  # its INFO lines; the progress bars stay (minutes at the paper's widths)
+    return nncf.quantize(model, nncf.Dataset(windows), preset=nncf.QuantizationPreset.MIXED, subset_size=len(windows),
+                         fast_bias_correction=INT8_SETTINGS["fast_bias_correction"])  # fmt: skip
+
+
+class CalibrationSet:
+    """A folder written by ``flare23 calibrate`` (:mod:`flare23.inference.calibrate`): calibration inputs for int8.
+
+    ``calibration.json`` records, per fine model (``organ``, ``tumor``), the settings its inputs were made with
+    (target spacing and CT normalisation: the sub-bundle's own) and one ``.npy`` per calibration scan: the network's
+    input for the whole ROI crop (resampled and normalised, float16), with its SHA-256. Windows are drawn from
+    these at quantisation time, so a retrained model (same settings) is quantised again from the same scans.
+
+    A missing or unreadable record, a damaged volume, or a model whose settings differ from those recorded is a
+    one-line :class:`Flare23Error` naming the folder: int8 from inputs prepared another way would be silently wrong.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder).expanduser()
+        path = self.folder / CALIBRATION_RECORD
+        if not path.is_file():
+            raise Flare23Error(f"{self.folder}: not a calibration folder (no {CALIBRATION_RECORD}); make one with "
+                               f"`flare23 calibrate SCANS --out {self.folder}`")  # fmt: skip
+        raw = path.read_bytes()
+        try:
+            self.record = json.loads(raw)
+            self.count = int(self.record["windows"])
+            self.record["branches"], self.record["volumes"]  # noqa: B018 - both must be there
+        except (ValueError, KeyError, TypeError) as e:
+            raise Flare23Error(f"{path}: not a calibration record ({e}); make it again with flare23 calibrate") from None
+        self.digest = hashlib.sha256(raw).hexdigest()
+
+    def check_branch(self, branch) -> None:
+        """Refuse a fine model (a :class:`flare23.inference.branches.Branch`) whose inputs are made otherwise than recorded."""
+        recorded = self.record["branches"].get(branch.name)
+        where = self.folder / CALIBRATION_RECORD
+        if recorded is None:
+            raise Flare23Error(f"{where}: no calibration for the {branch.name} model; run flare23 calibrate again")
+        for key in CALIBRATED_SETTINGS:
+            ours, theirs = getattr(branch, key), recorded.get(key)
+            same = (theirs is not None and len(list(ours)) == len(theirs) and all(abs(float(a) - float(b)) <= 1e-6 for a, b in zip(ours, theirs))
+                    if isinstance(ours, (list, tuple)) else theirs is not None and abs(float(ours) - float(theirs)) <= 1e-6)  # fmt: skip
+            if not same:
+                raise Flare23Error(f"{where}: calibrated for the {branch.name} model with {key} {theirs}, the model uses {ours}: "
+                                   "run flare23 calibrate again with these weights and settings")  # fmt: skip
+
+    def volumes(self, name: str):
+        """The calibration inputs of the ``name`` model as float32 arrays, each checked against its recorded SHA-256."""
+        import numpy as np
+
+        for item in self.record["volumes"].get(name, []):
+            path = self.folder / item["file"]
+            if not path.is_file() or _file_digest(path) != item["sha256"]:
+                raise Flare23Error(f"{path}: calibration volume missing or damaged (its SHA-256 differs from the record); "
+                                   "run flare23 calibrate again")  # fmt: skip
+            yield np.load(path).astype(np.float32)
+
+    def windows(self, name: str, window: Sequence[int], in_channels: int = 1) -> list:
+        """``count`` windows ``(1, in_channels, *window)`` drawn evenly from all sliding-window positions of the ``name``
+        model's calibration inputs (overlap 0.5, padding 0 as the cascade pads), skipping windows of one value (air)."""
+        import numpy as np
+        from monai.data.utils import dense_patch_slices
+
+        from flare23.inference.sliding import scan_interval
+
+        window = tuple(int(w) for w in window)
+        found = []
+        for volume in self.volumes(name):
+            pad = [(max(w - n, 0) // 2, max(w - n, 0) - max(w - n, 0) // 2) for w, n in zip(window, volume.shape)]
+            volume = np.pad(volume, pad)
+            for sl in dense_patch_slices(volume.shape, window, scan_interval(volume.shape, window, 0.5)):
+                patch = volume[tuple(sl)]
+                if float(patch.max()) > float(patch.min()):
+                    found.append(patch)
+        if not found:
+            return []
+        picks = sorted(set(np.linspace(0, len(found) - 1, min(self.count, len(found))).round().astype(int).tolist()))
+        shape = (1, in_channels, *window)
+        return [np.array(np.broadcast_to(found[i], shape), dtype=np.float32) for i in picks]  # writable copies
+
+
+#: The settings of a fine model that make its inputs (what ``flare23 calibrate`` stores): resampling and normalisation.
+CALIBRATED_SETTINGS = ("target_spacing", "clip_low", "clip_high", "mean", "std")
+
+
 class OpenVinoNetwork:
     """``module`` compiled by OpenVINO for windows of ``window`` voxels, behind the same call as the module.
 
@@ -108,12 +223,18 @@ class OpenVinoNetwork:
     """
 
     def __init__(self, module: torch.nn.Module, window: Sequence[int], cache_dir, name: str = "network",
-                 threads: int | None = None, in_channels: int = 1):  # fmt: skip
+                 threads: int | None = None, in_channels: int = 1, precision: str = "fp32",
+                 calibration: CalibrationSet | None = None):  # fmt: skip
         import openvino as ov
 
         t0 = time.perf_counter()
+        if precision not in ENGINE_PRECISIONS:
+            raise Flare23Error(f"engine precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
+        if precision == "int8" and calibration is None:
+            raise Flare23Error("int8 needs a calibration set (flare23 calibrate SCANS --out DIR)")
         self.window = tuple(int(w) for w in window)
         self.in_channels = int(in_channels)
+        self.precision, self.calibration, self.name = precision, calibration, name
         module = module.eval()
         self.key_parts = {
             "weights_sha256": weights_digest(module),
@@ -121,10 +242,15 @@ class OpenVinoNetwork:
             "structure_sha256": hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}".encode()).hexdigest(),
             "window": list(self.window),
             "in_channels": self.in_channels,
-            "precision": "fp32",
+            "precision": precision,
             "openvino": ov.__version__,
             "format": 1,
         }
+        if precision == "int8":
+            import nncf
+
+            self.key_parts.update(nncf=nncf.__version__, calibration_sha256=calibration.digest,
+                                  calibration_windows=calibration.count, quantization=INT8_SETTINGS)  # fmt: skip
         key = hashlib.sha256(json.dumps(self.key_parts, sort_keys=True).encode()).hexdigest()[:20]
         self.cache_dir = Path(cache_dir).expanduser()
         stem = self.cache_dir / f"{name}-{key}"
@@ -160,6 +286,8 @@ class OpenVinoNetwork:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the trace is of one fixed window: expected
             model = ov.convert_model(module, example_input=example)
+        if self.precision == "int8":
+            model = quantize_int8(model, self.calibration.windows(self.name, self.window, self.in_channels))
         model.reshape({model.inputs[0]: ov.PartialShape([-1, self.in_channels, *self.window])})
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -198,18 +326,30 @@ class EngineNetworks:
     timed by ``timer`` as the stage ``<name>_convert``.
     """
 
-    def __init__(self, engine: str = "torch", cache_dir=None):
+    def __init__(self, engine: str = "torch", cache_dir=None, precision: str = "auto", calibration=None, branches=()):
         if engine not in ENGINES:
             raise Flare23Error(f"engine {engine!r} is not one of: {', '.join(ENGINES)}")
         self.engine, self.cache_dir = engine, cache_dir
+        self.int8 = precision == "int8"
+        self.calibration = None
+        if self.int8:
+            if engine == "torch":
+                raise Flare23Error("precision int8 runs on the OpenVINO engine: add --engine openvino (or auto)")
+            if not calibration:
+                raise Flare23Error("precision int8 needs --int8_calibration DIR, a folder made by `flare23 calibrate SCANS --out DIR`")
+            self.calibration = CalibrationSet(calibration)
+            for branch in branches:  # before any case: a calibration for other settings is refused at once
+                self.calibration.check_branch(branch)
         self._compiled: dict = {}
 
     def network_for(self, name: str, window: Sequence[int], net: torch.nn.Module, device, autocast: bool = False, timer=None):
-        if autocast or resolve_engine(self.engine, device) == "torch":
+        resolved = check_engine(self.engine, "int8" if self.int8 else "fp32", device, self.calibration and self.calibration.folder)
+        if not self.int8 and (autocast or resolved == "torch"):
             return net
         key = (name, id(net), tuple(int(w) for w in window))
         if key not in self._compiled:
             with timer(f"{name}_convert") if timer is not None else contextlib.nullcontext():
                 folder = self.cache_dir or cache_dir_for(None)
-                self._compiled[key] = OpenVinoNetwork(net, window, folder, name=name)
+                self._compiled[key] = OpenVinoNetwork(net, window, folder, name=name, precision="int8" if self.int8 else "fp32",
+                                                      calibration=self.calibration)  # fmt: skip
         return self._compiled[key]
