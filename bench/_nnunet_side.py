@@ -8,6 +8,7 @@ Sub-commands (one process each, the result is the last ``RESULT {json}`` line on
 
     python bench/_nnunet_side.py build   --model DIR --filters 4,8,16,16,16,16 [--arch resenc|plain] [--seed 0]
     python bench/_nnunet_side.py predict --model DIR --image IMG.nii.gz --out OUT.nii.gz [--device cpu] [--threads 2]
+                                         [--settings equal|default]
     python bench/_nnunet_side.py export  --model DIR --work DIR [--threads 2]
 
 * ``build``: writes ``DIR/dataset.json``, ``DIR/plans.json`` (one ``3d_fullres`` configuration with
@@ -17,10 +18,13 @@ Sub-commands (one process each, the result is the last ``RESULT {json}`` line on
 * ``predict``: nnU-Net's ``predict_from_files_sequential`` path, cut into timed stages with the
   very functions that it calls: ``read_images`` (SimpleITK), ``run_case_npy`` (crop to non-zero,
   CT normalisation, resampling to the target spacing: order 3 in-plane, separate z),
-  ``predict_logits_from_preprocessed_data`` (Gaussian sliding window, ``tile_step_size`` = our
-  organ step 0.8, mirroring off), ``convert_predicted_logits_to_segmentation_with_correct_shape``
-  (back to the original grid: logits resampled order 1 in-plane / order 0 along z, then arg-max,
-  then un-cropping) and ``write_seg``.
+  ``predict_logits_from_preprocessed_data`` (Gaussian sliding window),
+  ``convert_predicted_logits_to_segmentation_with_correct_shape`` (back to the original grid:
+  logits resampled order 1 in-plane / order 0 along z, then arg-max, then un-cropping) and
+  ``write_seg``. ``--settings`` (:func:`predictor_settings`): ``equal`` (the default here) runs the
+  sliding window at our settings, ``tile_step_size`` = our organ step 0.8 and mirroring off;
+  ``default`` runs it as nnU-Net's users do (``nnUNetv2_predict`` without options: step 0.5,
+  test-time mirroring over the axes the checkpoint allows, all three).
 * ``export``: the probability-to-label stage alone on the logits in ``WORK/logits.npy`` (the
   driver makes them); writes the label map to ``WORK/labels_nnunet.npy``.
 
@@ -162,6 +166,22 @@ def tile_step_size() -> float:
     return round(1.0 - ORGAN_OVERLAP, 6)
 
 
+#: ``--settings`` of ``predict``: ``equal`` = our sliding-window settings, ``default`` = nnU-Net's own defaults.
+SETTINGS = ("equal", "default")
+#: nnU-Net v2's defaults (``nnUNetPredictor``'s keyword defaults, ``nnUNetv2_predict`` without ``-step_size``
+#: or ``--disable_tta``); ``tests/test_bench_compare.py`` checks them against the installed nnU-Net.
+NNUNET_DEFAULTS = {"tile_step_size": 0.5, "use_gaussian": True, "use_mirroring": True}
+
+
+def predictor_settings(settings: str = "equal") -> dict:
+    """``nnUNetPredictor`` keywords for ``settings``: ``equal`` (step = ours, mirroring off) or ``default`` (nnU-Net's)."""
+    if settings == "equal":
+        return {"tile_step_size": tile_step_size(), "use_gaussian": True, "use_mirroring": False}
+    if settings == "default":
+        return dict(NNUNET_DEFAULTS)
+    raise ValueError(f"settings must be one of {', '.join(SETTINGS)}, got {settings!r}")
+
+
 # --- below: nnU-Net's environment only ------------------------------------------------------------
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -192,16 +212,14 @@ def build(model_dir: Path, filters, arch: str = "resenc", seed: int = 0) -> dict
     return {"parameters": sum(p.numel() for p in net.parameters()), "network": type(net).__name__, "heads": heads}
 
 
-def _predictor(model_dir: Path, device: str, threads: int):
+def _predictor(model_dir: Path, device: str, threads: int, settings: str = "equal"):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
     predictor = nnUNetPredictor(
-        tile_step_size=tile_step_size(),
-        use_gaussian=True,
-        use_mirroring=False,
+        **predictor_settings(settings),
         perform_everything_on_device=dev.type == "cuda",
         device=dev,
         verbose=False,
@@ -212,7 +230,8 @@ def _predictor(model_dir: Path, device: str, threads: int):
     return predictor
 
 
-def predict(model_dir: Path, image: Path, out: Path, device: str = "cpu", threads: int = 2, interval: float = 0.1) -> dict:
+def predict(model_dir: Path, image: Path, out: Path, device: str = "cpu", threads: int = 2, interval: float = 0.1,
+            settings: str = "equal") -> dict:  # fmt: skip
     """One case through nnU-Net's inference path, timed per stage (see the module docstring)."""
     import numpy as np
     import torch
@@ -237,7 +256,7 @@ def predict(model_dir: Path, image: Path, out: Path, device: str = "cpu", thread
     with monitor:
         t_start = time.perf_counter()
         with stage("load_network"):
-            predictor = _predictor(model_dir, device, threads)
+            predictor = _predictor(model_dir, device, threads, settings)
         pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
         rw = pm.image_reader_writer_class()
         with stage("read"):
@@ -262,6 +281,14 @@ def predict(model_dir: Path, image: Path, out: Path, device: str = "cpu", thread
         "peak_sampled_mb": monitor.peak_mb,
         "peak_torch_mb": monitor.peak_torch_mb,
         "preprocessed_shape": list(props["shape_after_cropping_and_before_resampling"]),
+        "settings": {
+            "name": settings,
+            "tile_step_size": predictor.tile_step_size,
+            "use_gaussian": predictor.use_gaussian,
+            "use_mirroring": predictor.use_mirroring,
+            # the axes nnU-Net mirrors (from the checkpoint, network axes z, y, x), or none
+            "mirror_axes": list(predictor.allowed_mirroring_axes or ()) if predictor.use_mirroring else [],
+        },
     }
 
 
@@ -311,11 +338,12 @@ def main(argv=None) -> None:
     p.add_argument("--work")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--settings", choices=SETTINGS, default="equal", help="sliding window: ours (equal) or nnU-Net's defaults")
     args = p.parse_args(argv)
     if args.command == "build":
         result = build(Path(args.model), [int(v) for v in args.filters.split(",")], args.arch, args.seed)
     elif args.command == "predict":
-        result = predict(Path(args.model), Path(args.image), Path(args.out), args.device, args.threads)
+        result = predict(Path(args.model), Path(args.image), Path(args.out), args.device, args.threads, settings=args.settings)
     else:
         result = export(Path(args.model), Path(args.work), args.threads)
     print("RESULT " + json.dumps(result), flush=True)

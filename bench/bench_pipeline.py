@@ -14,9 +14,14 @@ one run, interleaved, each run in its own process (clean peak-memory figures):
   -> CT normalisation -> ``SlidingWindowInferer`` -> ``Invertd`` of the 15-channel probabilities
   -> arg-max on the CPU -> ensemble -> MONAI ``KeepLargestConnectedComponent`` -> ``SaveImage``.
 
-Both use random weights from the same seed (speed does not depend on the values), except that
-ours uses the ROI extractor's trained ``models/model.pt`` when it exists so that the box is a real
-one (``--roi oracle`` instead takes the box of the phantom's labels with the method's margins).
+Both use random weights from the same seed (speed does not depend on the values). The crop of ours
+must not depend on random ROI weights: ``--roi auto`` (the default, :func:`resolve_roi`) uses the ROI
+extractor's trained ``models/model.pt`` when it exists and otherwise the *oracle* box, the box of the
+phantom's own labels with the method's margins; ``--roi oracle`` always takes that box and ``--roi
+model`` always the ROI network's box (with random weights: an arbitrary crop). With the oracle box
+the ROI network still runs and is timed, only its box is replaced.
+``--engine torch|openvino|auto`` and ``--precision`` are passed to the pipeline as its ids
+(:func:`engine_overrides`; ``int8`` needs ``--int8_calibration DIR`` from ``flare23 calibrate``).
 Network widths come from ``--filters`` for both systems (the paper's widths make a CPU run take
 tens of minutes; the ratio of everything *outside* the networks does not depend on them).
 
@@ -65,6 +70,64 @@ def _overrides(filters):
     }
 
 
+#: ``--roi`` values: ``auto`` = ``model`` where the ROI extractor has trained weights, else ``oracle``.
+ROI_CHOICES = ("auto", "model", "oracle")
+TRAINED_ROI = BUNDLES / "roi_extractor" / "models" / "model.pt"
+
+
+def resolve_roi(choice: str, trained: bool) -> str:
+    """``model`` or ``oracle`` for ``--roi choice``; ``auto`` takes the oracle box unless the ROI weights are ``trained``."""
+    if choice not in ROI_CHOICES:
+        raise ValueError(f"roi must be one of {', '.join(ROI_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return "model" if trained else "oracle"
+    return choice
+
+
+def engine_overrides(engine: str = "torch", precision: str = "auto", calibration: str | None = None,
+                     cache: str | None = None) -> dict:  # fmt: skip
+    """The pipeline ids ``engine``, ``precision`` (and ``int8_calibration``, ``engine_cache``) for one run of ours."""
+    out = {"engine": str(engine), "precision": str(precision)}
+    if precision == "int8":
+        if engine != "openvino":
+            raise ValueError(f"precision int8 runs on the OpenVINO engine, not {engine!r}")
+        if not calibration:
+            raise ValueError("precision int8 needs a calibration folder (flare23 calibrate SCANS --out DIR)")
+        out["int8_calibration"] = str(calibration)
+    if cache:
+        out["engine_cache"] = str(cache)
+    return out
+
+
+def pipeline_overrides(work, filters, device: str = "cpu", engine: str = "torch", precision: str = "auto",
+                       calibration: str | None = None, cache: str | None = None) -> dict:  # fmt: skip
+    """Every pipeline id a run of ours sets: the weights in ``work`` (the trained ROI extractor's where it has one),
+    the widths, the device and the engine ids (:func:`engine_overrides`); ``flare23 calibrate`` gets the same ones."""
+    work = Path(work)
+    roi_ckpt = TRAINED_ROI if TRAINED_ROI.is_file() else work / "roi.pt"
+    return {
+        "roi_ckpt": str(roi_ckpt),
+        "organ_ckpt": str(work / "organ.pt"),
+        "tumor_ckpt": str(work / "tumor.pt"),
+        **_overrides(filters),
+        "device": str(device),
+        **engine_overrides(engine, precision, calibration, cache),
+    }
+
+
+def precision_used(engine: str, precision: str, device: str) -> tuple[str, str]:
+    """The engine and precision a run of ours uses: ``auto`` resolved as the pipeline resolves it (for the tables)."""
+    import torch
+
+    from flare23.inference.cascade import cpu_has_fast_bf16
+    from flare23.inference.engine import resolve_engine
+
+    kind = torch.device(device).type
+    if precision == "auto":
+        precision = "fp16" if kind == "cuda" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+    return resolve_engine(engine, device), precision
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -98,22 +161,45 @@ def worker_ours(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    overrides = _overrides(args.filters)
-    roi_ckpt = BUNDLES / "roi_extractor" / "models" / "model.pt"
-    if args.roi == "oracle" or not roi_ckpt.is_file():
-        box = json.loads((work / "oracle_box.json").read_text())
-        cascade.locate = lambda *a, **k: RoiBox(tuple(box["start"]), tuple(box["stop"]), tuple(box["shape"]))  # noqa: E731
-        roi_ckpt = work / "roi.pt"
+    engine, precision = getattr(args, "engine", "torch"), args.precision
+    overrides = pipeline_overrides(work, args.filters, args.device, engine, precision, getattr(args, "int8_calibration", None),
+                                   getattr(args, "engine_cache", None))  # fmt: skip
+    trained = TRAINED_ROI.is_file()
+    roi = resolve_roi(getattr(args, "roi", "auto"), trained)
+    oracle = None
+    if roi == "oracle":
+        b = json.loads((work / "oracle_box.json").read_text())
+        oracle = RoiBox(tuple(b["start"]), tuple(b["stop"]), tuple(b["shape"]))
+    boxes = []
+    locate = cascade.locate
+
+    def located(*a, **k):  # the ROI network always runs (and is timed); the oracle only replaces its box
+        box = locate(*a, **k)
+        box = oracle if oracle is not None else box
+        boxes.append(box)
+        return box
+
+    cascade.locate = located
     out = work / "out_ours"
     t0 = time.perf_counter()
-    run_pipeline(work / "in", out, device=args.device, roi_ckpt=str(roi_ckpt), organ_ckpt=str(work / "organ.pt"),
-                 tumor_ckpt=str(work / "tumor.pt"), precision=args.precision, **overrides)  # fmt: skip
+    try:
+        run_pipeline(work / "in", out, **overrides)
+    finally:
+        cascade.locate = locate
     total = time.perf_counter() - t0
     with open(out / "timings.csv") as f:
         row = next(csv.DictReader(f))
     stages = {k: float(v) for k, v in row.items() if k not in ("case",)}
     stages["end_to_end_s"] = total
-    return {"stages": stages, "peak_rss_mb": _peak_rss_mb()}
+    used_engine, used_precision = precision_used(engine, precision, args.device)
+    result = {"stages": stages, "peak_rss_mb": _peak_rss_mb(), "roi": roi, "roi_weights": "trained" if trained else "random",
+              "engine": used_engine, "precision": used_precision}  # fmt: skip
+    if boxes and boxes[0] is not None:
+        crop = 1.0
+        for lo, hi, n in zip(boxes[0].start, boxes[0].stop, boxes[0].shape):
+            crop *= (hi - lo) / n
+        result["crop_fraction"] = crop
+    return result
 
 
 def worker_monai(args) -> dict:
@@ -222,7 +308,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
-    p.add_argument("--roi", choices=("model", "oracle"), default="model")
+    p.add_argument("--engine", choices=("torch", "openvino", "auto"), default="torch", help="engine of our networks")
+    p.add_argument("--int8_calibration", default=None, help="folder of `flare23 calibrate` (with --precision int8)")
+    p.add_argument("--roi", choices=ROI_CHOICES, default="auto", help="auto: the trained ROI model if any, else the oracle box")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--systems", default="ours,monai")
     p.add_argument("--work", default=None)
@@ -241,7 +329,10 @@ def main() -> None:
     for r in range(args.repeats):
         for system in systems:  # interleaved
             cmd = [sys.executable, __file__, "--_worker", system, "--work", str(work), "--filters", ",".join(map(str, args.filters)),
-                   "--device", args.device, "--precision", args.precision, "--threads", str(args.threads), "--roi", args.roi]  # fmt: skip
+                   "--device", args.device, "--precision", args.precision, "--threads", str(args.threads), "--roi", args.roi,
+                   "--engine", args.engine]  # fmt: skip
+            if args.int8_calibration:
+                cmd += ["--int8_calibration", args.int8_calibration]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
@@ -253,12 +344,13 @@ def main() -> None:
             )
     summary = {}
     for system, runs in results.items():
-        keys = runs[0]["stages"].keys()
+        keys = [k for k in runs[0]["stages"] if all(k in r["stages"] for r in runs)]
         med = {k: statistics.median(r["stages"][k] for r in runs) for k in keys}
         med["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
         summary[system] = med
     print(f"\nhardware: {_hardware(args.threads)}\nphantom 512 x 512 x {args.slices}, filters {args.filters}, device {args.device}, "
-          f"precision {args.precision}, ROI {args.roi}, median of {args.repeats} runs")  # fmt: skip
+          f"engine {args.engine}, precision {args.precision}, ROI {resolve_roi(args.roi, TRAINED_ROI.is_file())}, "
+          f"median of {args.repeats} runs")  # fmt: skip
     for system, med in summary.items():
         print(f"\n{system}:")
         for k, v in med.items():

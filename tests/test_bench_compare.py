@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import _nnunet_side as nn_side  # noqa: E402
 import bench_compare as bc  # noqa: E402
+import bench_pipeline as bp  # noqa: E402
 
 from flare23 import constants as C  # noqa: E402
 
@@ -79,6 +80,11 @@ def test_stage_breakdown_sums_to_end_to_end():
     assert n["other"] == pytest.approx(2.0) and n["postprocess"] == 0.0
     with pytest.raises(ValueError):
         bc.stage_breakdown("other", {"end_to_end_s": 1})
+    # every engine of ours has ours' stages, both nnU-Net modes nnU-Net's; OpenVINO's cache read + compile is set-up
+    assert bc.stage_breakdown("ours_int8", dict(ours, organ_convert=0.7)) == b
+    assert bc.stage_breakdown("ours_openvino", ours)["network"] == pytest.approx(9.0)
+    d = bc.stage_breakdown("nnunet_default", {"read": 1, "network": 30, "end_to_end_s": 40})
+    assert d["network"] == 30 and d["other"] == pytest.approx(9.0)
 
 
 def _run(system, end, rss):
@@ -87,19 +93,33 @@ def _run(system, end, rss):
 
 
 def test_summary_ratios_goals_and_markdown():
-    ours = [_run("ours", e, r) for e, r in ((10, 3000), (12, 3100), (30, 2900))]
+    ours = [dict(_run("ours", e, r), engine="torch", precision="fp32", roi="oracle", roi_weights="random", crop_fraction=c)
+            for e, r, c in ((10, 3000, 0.30), (12, 3100, 0.25), (30, 2900, 0.20))]  # fmt: skip
+    ov = [dict(_run("ours_openvino", e, 2000), engine="openvino", precision="fp32", roi="oracle") for e in (5, 6, 7)]
     nn = [_run("nnunet", e, r) for e, r in ((50, 9000), (40, 8000), (45, 8500))]
-    summary = {"512 x 512 x 500": {"ours": bc.summarize(ours), "nnunet": bc.summarize(nn)}}
+    nd = [dict(_run("nnunet_default", 130, 9500), settings="PyTorch, step 0.5 (nnU-Net's default), Gaussian, mirroring z, y, x")]
+    summary = {
+        "512 x 512 x 500": {
+            "ours": bc.summarize(ours),
+            "ours_openvino": bc.summarize(ov),
+            "nnunet": bc.summarize(nn),
+            "nnunet_default": bc.summarize(nd),
+        }
+    }
     s = summary["512 x 512 x 500"]
     assert s["ours"]["end_to_end"] == statistics.median([10, 12, 30]) and s["ours"]["peak_rss_mb"] == 3000
-    assert "peak_torch_mb" not in s["ours"] and s["ours"]["runs"] == 3
+    assert "peak_torch_mb" not in s["ours"] and s["ours"]["runs"] == 3 and s["nnunet_default"]["runs"] == 1
+    assert s["ours"]["crop_fraction"] == pytest.approx(0.25) and s["ours"]["engine"] == "torch"
     r = bc.ratios(summary)["512 x 512 x 500"]
-    assert r["speedup_vs_nnunet"] == pytest.approx(45 / 12) and r["rss_vs_nnunet"] == pytest.approx(3000 / 8500)
+    assert set(r) == {"ours", "ours_openvino"}  # one row per engine of ours, against every other system present
+    assert r["ours"]["speedup_vs_nnunet"] == pytest.approx(45 / 12) and r["ours"]["rss_vs_nnunet"] == pytest.approx(3000 / 8500)
+    assert r["ours_openvino"]["speedup_vs_nnunet_default"] == pytest.approx(130 / 6) and "speedup_vs_monai" not in r["ours"]
     result = {
         "meta": {
             "hardware": "test CPU",
             "device": "cpu",
             "filters": TINY,
+            "threads": 2,
             "command": "python bench/bench_compare.py",
             "params": {"ours_organ": 100, "nnunet": 101, "nnunet_network": "ResidualEncoderUNet"},
         },  # fmt: skip
@@ -123,13 +143,138 @@ def test_summary_ratios_goals_and_markdown():
     )
     g = bc.goals(result)
     assert any("worst case" in x and "4.0x" in x and "MISSED" not in x and "met" not in x for x in g)
-    assert any("3.75x" in x and "met" in x for x in g)
+    assert any("3.75x" in x and "(goal >= 3x): met" in x for x in g)
+    # against nnU-Net as its users run it the goal is 10x: 130 / 12 = 10.83x met (torch), 130 / 6 = 21.67x met
+    assert any("as its users run it" in x and "10.83x" in x and "(goal >= 10x): met" in x for x in g)
     assert any("2.93 GB" in x and "met" in x for x in g)
     assert any("15.0x" in x and "MISSED" in x for x in g)
+    assert any("not the paper's" in x for x in g)  # tiny widths: said so
     result["goals"] = g
     md = bc.markdown(result)
-    assert "| 512 x 512 x 500 | ours (ROI + organ + tumor) | 3 | 12.0 |" in md
+    # each row: settings, widths, ROI (source and share kept), threads, runs of the median
+    assert ("| 512 x 512 x 500 | ours (ROI + organ + tumor) | PyTorch eager fp32 | 4,8,16,16,16,16 | "
+            "oracle box (phantom labels), 25 % of the volume | 2 | 3 | 12.0 |") in md  # fmt: skip
+    assert "| ours, OpenVINO fp32 | OpenVINO fp32 | 4,8,16,16,16,16 |" in md
+    assert ("| nnU-Net v2 as its users run it (1 model) | PyTorch, step 0.5 (nnU-Net's default), Gaussian, mirroring z, y, x | "
+            "4,8,16,16,16,16 | none (whole volume; nnU-Net crops to non-zero) | 2 | 1 | 130.0 |") in md  # fmt: skip
+    assert "| nnU-Net v2 at our settings (1 model) | PyTorch, step 0.8 (= ours), Gaussian, no mirroring |" in md
+    assert "| 512 x 512 x 500 | ours, OpenVINO fp32 | 7.50x | 21.67x | not run |" in md
     assert "3.75x" in md and "97.00 %" in md and "140 x 446 x 446" in md and "python bench/bench_compare.py" in md
+
+
+def test_rows_say_settings_and_roi():
+    assert bc.row_settings("ours_int8", {"engine": "openvino", "precision": "int8"}).startswith("OpenVINO int8, calibrated")
+    assert bc.row_settings("ours", {"engine": "torch", "precision": "bf16"}) == "PyTorch eager bf16"
+    assert bc.row_roi("ours", {"roi": "model", "roi_weights": "trained", "crop_fraction": 0.4}) == (
+        "ROI model (trained weights), 40 % of the volume"
+    )
+    assert bc.row_roi("monai", {}) == "none (whole volume)"
+    equal = nn_side.predictor_settings("equal")
+    assert bc.nnunet_settings_text(dict(equal, mirror_axes=[])) == "PyTorch, step 0.8 (= ours), Gaussian, no mirroring"
+    default = nn_side.predictor_settings("default")
+    assert bc.nnunet_settings_text(dict(default, mirror_axes=[0, 1, 2])) == (
+        "PyTorch, step 0.5 (nnU-Net's default), Gaussian, mirroring z, y, x"
+    )
+    # mirroring asked but no axes allowed by the checkpoint: no mirroring, said so
+    assert bc.nnunet_settings_text(dict(default, mirror_axes=[])).endswith("no mirroring")
+
+
+def test_nnunet_predictor_settings():
+    assert nn_side.predictor_settings("equal") == {
+        "tile_step_size": pytest.approx(0.8),
+        "use_gaussian": True,
+        "use_mirroring": False,
+    }
+    assert nn_side.predictor_settings("default") == {"tile_step_size": 0.5, "use_gaussian": True, "use_mirroring": True}
+    with pytest.raises(ValueError):
+        nn_side.predictor_settings("fast")
+
+
+def test_systems_repeats_and_interleaved_rounds():
+    from flare23.errors import Flare23Error
+
+    systems = bc.parse_systems("ours,ours_openvino,nnunet,nnunet_default,ours")
+    assert systems == ["ours", "ours_openvino", "nnunet", "nnunet_default"]
+    with pytest.raises(Flare23Error, match="nnunet_fast"):
+        bc.parse_systems("ours,nnunet_fast")
+    reps = bc.system_repeats(systems, 3, {"nnunet_default": 1})
+    assert reps == {"ours": 3, "ours_openvino": 3, "nnunet": 3, "nnunet_default": 1}
+    assert bc.system_repeats(["nnunet_default"], 2, {"nnunet_default": 5}) == {"nnunet_default": 2}  # never more rounds
+    # round r: every system that has more than r runs, in the order given (interleaved)
+    assert bc.round_systems(systems, 0, reps) == systems
+    assert bc.round_systems(systems, 1, reps) == ["ours", "ours_openvino", "nnunet"]
+    assert bc.round_systems(systems, 3, reps) == []
+    assert [bc.base_system(s) for s in bc.SYSTEMS] == ["ours", "ours", "ours", "nnunet", "nnunet", "monai"]
+
+
+def test_export_stage_without_noise_runs(tmp_path):
+    """--noise_repeats 0: no noise row, nothing made or run for it (it used to look for export_noise/labels_nnunet.npy)."""
+    made, ran = [], []
+
+    def make_inputs(d, ed, kind):
+        made.append(kind)
+        ed.mkdir(parents=True, exist_ok=True)
+        (ed / "logits.npy").write_bytes(b"x")
+        return {"grid_zyx": [2, 3, 4]}
+
+    def run_side(side, ed, case):
+        ran.append((side, ed.name))
+        labels = np.zeros((4, 5), np.uint8)
+        if side == "ours":
+            labels[:1] = 1  # 1 row of 4 differs: 75 % equal
+        np.save(ed / f"labels_{side}.npy", labels)
+        return {"seconds": {"nnunet": 8.0, "ours": 2.0}[side] + 0.5 * len(ran), "peak_rss_mb": {"nnunet": 900, "ours": 300}[side]}
+
+    cases = {"512 x 512 x 40": tmp_path / "p40"}
+    export = bc.export_stage(cases, ["organ", "noise"], {"organ": 2, "noise": 0}, run_side, make_inputs)
+    assert list(export) == ["512 x 512 x 40, organ-like logits"] and made == ["organ"]
+    assert [s for s, _ in ran] == ["nnunet", "ours", "nnunet", "ours"] and {e for _, e in ran} == {"export_organ"}
+    e = export["512 x 512 x 40, organ-like logits"]
+    # seconds: nnU-Net 8.5 and 9.5, ours 3.0 and 4.0 -> medians 9.0 / 3.5
+    assert e["runs"] == 2 and e["nnunet_s"] == pytest.approx(9.0) and e["ours_s"] == pytest.approx(3.5)
+    assert e["speedup"] == pytest.approx(9.0 / 3.5) and e["agreement"] == pytest.approx(0.75) and e["grid_zyx"] == [2, 3, 4]
+    assert not (tmp_path / "p40" / "export_organ" / "logits.npy").exists()  # the large logits are not kept
+    assert not (tmp_path / "p40" / "export_noise").exists()
+    result = {"meta": {"hardware": "h", "device": "cpu", "filters": TINY, "command": "c", "params": {"ours_organ": 1}},
+              "summary": {}, "ratios": {}, "export": export}  # fmt: skip
+    assert "smooth-noise logits" not in bc.markdown(result) and "organ-like logits | 2 x 3 x 4 | 2 |" in bc.markdown(result)
+    assert not any("worst case" in g for g in bc.goals(result))
+    # both kinds with runs: both rows; no runs at all: no rows and nothing made
+    made.clear()
+    assert len(bc.export_stage(cases, ["organ", "noise"], {"organ": 1, "noise": 1}, run_side, make_inputs)) == 2
+    made.clear()
+    assert bc.export_stage(cases, ["organ", "noise"], {"organ": 0, "noise": 0}, run_side, make_inputs) == {} and made == []
+
+
+def test_calibration_gets_the_timed_int8_runs_weights_and_widths(tmp_path):
+    timed = bp.pipeline_overrides(tmp_path, TINY, "cpu", "openvino", "int8", str(tmp_path / "cal"), str(tmp_path / "cache"))
+    cal = bc.calibration_overrides(tmp_path, TINY, "cpu", str(tmp_path / "cache"))
+    # the same weights, widths, device and engine cache as the timed runs; nothing that calibrate refuses
+    assert cal == {k: v for k, v in timed.items() if k not in ("engine", "precision", "int8_calibration")}
+    assert not set(cal) & {"dataset_dir", "output_dir", "output_format", "precision", "int8_calibration", "engine"}
+    assert cal["organ_ckpt"] == str(tmp_path / "organ.pt") and cal["tumor_ckpt"] == str(tmp_path / "tumor.pt")
+    assert cal["organ_overrides"] == cal["tumor_overrides"] == {"network_def#filters": TINY}
+    assert cal["engine_cache"] == str(tmp_path / "cache")
+    assert (timed["engine"], timed["precision"], timed["int8_calibration"]) == ("openvino", "int8", str(tmp_path / "cal"))
+    # the ROI weights: the trained extractor's where it has them, else the benchmark's (random) ones
+    assert cal["roi_ckpt"] == str(bp.TRAINED_ROI if bp.TRAINED_ROI.is_file() else tmp_path / "roi.pt")
+
+
+def test_roi_and_engine_choices():
+    # the crop never depends on random ROI weights unless asked for
+    assert bp.resolve_roi("auto", trained=False) == "oracle" and bp.resolve_roi("auto", trained=True) == "model"
+    assert bp.resolve_roi("model", trained=False) == "model" and bp.resolve_roi("oracle", trained=True) == "oracle"
+    with pytest.raises(ValueError):
+        bp.resolve_roi("box", trained=False)
+    assert bp.engine_overrides("torch", "auto") == {"engine": "torch", "precision": "auto"}
+    assert bp.engine_overrides("openvino", "int8", "/cal", "/cache") == {
+        "engine": "openvino", "precision": "int8", "int8_calibration": "/cal", "engine_cache": "/cache",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="calibration"):
+        bp.engine_overrides("openvino", "int8")
+    with pytest.raises(ValueError, match="OpenVINO"):
+        bp.engine_overrides("torch", "int8", "/cal")
+    assert {k: v[0] for k, v in bc.OURS.items()} == {"ours": "torch", "ours_openvino": "openvino", "ours_int8": "openvino"}
 
 
 def test_memory_area_with_a_fake_sampler(monkeypatch):
@@ -171,6 +316,18 @@ def test_nnunet_network_size_matches_ours(nnunet_model):
     assert abs(built["parameters"] - n_ours) / n_ours < 0.02
     assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
     assert json.loads((folder / "plans.json").read_text()) == json.loads(json.dumps(nn_side.nnunet_plans(TINY)))
+
+
+@pytest.mark.slow
+@needs_nnunet
+def test_default_settings_are_nnunets_own():
+    """``predictor_settings("default")`` = the keyword defaults of the installed ``nnUNetPredictor`` (what its CLI uses)."""
+    code = ("import inspect, json; from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor as P; "
+            "print('RESULT ' + json.dumps({k: v.default for k, v in inspect.signature(P.__init__).parameters.items() "
+            "if k in ('tile_step_size', 'use_gaussian', 'use_mirroring')}))")  # fmt: skip
+    out = subprocess.run([str(NNUNET_PY), "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.split("RESULT ")[-1]) == nn_side.predictor_settings("default")
 
 
 @pytest.mark.slow
