@@ -119,18 +119,11 @@ def calibrate(scans, out, windows: int = DEFAULT_WINDOWS, bundles_dir=None, thre
                 record["scans"].append({"case": case.name, "source": str(case.path), "crop_shape": [int(s) for s in crop_ras.shape]})
                 for name, branch in branches.items():
                     x, _ = prepare_branch_input(branch, crop_ras, spacing, device)
-                    target = folder / name / f"{case.name}.npy"
-                    target.parent.mkdir(exist_ok=True)
-                    with atomic_path(target) as tmp:
-                        with open(tmp, "wb") as f:
-                            np.save(f, x[0, 0].cpu().numpy().astype(np.float16))
-                    record["volumes"][name].append({"file": f"{name}/{target.name}", "sha256": _sha256(target),
-                                                    "shape": [int(s) for s in x.shape[2:]]})  # fmt: skip
+                    record["volumes"][name].append(write_volume(folder, name, case.name, x[0, 0].cpu().numpy()))
             print(f"{case.name}: crop {tuple(int(s) for s in crop_ras.shape)}", flush=True)
         if not record["scans"]:
             raise Flare23Error(f"{', '.join(str(p) for p in paths)}: no scan with an abdomen to calibrate on")
-        with atomic_path(folder / CALIBRATION_RECORD) as tmp:  # last: the folder counts once every volume is in
-            tmp.write_text(json.dumps(record, indent=1))
+        write_record(folder, record)
         print(f"wrote {folder / CALIBRATION_RECORD} ({len(record['scans'])} scans)", flush=True)
         if quantize:
             engines = EngineNetworks("openvino", parser.get_parsed_content("engine_cache"), precision="int8", calibration=folder,
@@ -146,6 +139,25 @@ def calibrate(scans, out, windows: int = DEFAULT_WINDOWS, bundles_dir=None, thre
     finally:
         network.join()
     return folder
+
+
+def write_volume(folder: Path, name: str, case: str, x: np.ndarray) -> dict:
+    """Store one calibration input of the ``name`` model (float16, atomically); its entry of ``calibration.json``."""
+    target = Path(folder) / name / f"{case}.npy"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(x).astype(np.float16))
+    return {"file": f"{name}/{target.name}", "sha256": _sha256(target), "shape": [int(s) for s in np.shape(x)]}
+
+
+def write_record(folder: Path, record: dict) -> Path:
+    """``calibration.json``, written last and atomically: the folder counts once every volume is in."""
+    from flare23.inference.engine import CALIBRATION_RECORD
+
+    with atomic_path(Path(folder) / CALIBRATION_RECORD) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return Path(folder) / CALIBRATION_RECORD
 
 
 def label_agreement(net: torch.nn.Module, engine, windows) -> float:
