@@ -26,6 +26,14 @@ The batch dimension is dynamic (``sw_batch_size`` and a smaller last batch use t
 window is static, which is what lets OpenVINO pick its fastest kernels. ``fp32`` forces f32
 inference precision (no silent bf16 on CPUs that have it), so the logits match PyTorch's to float32
 rounding (``tests/test_engine.py``).
+
+int8 (issue 23, item 2; ``precision="int8"``): the converted model quantised by NNCF's post-training
+quantisation (:func:`quantize_int8`) on windows drawn from a :class:`CalibrationSet`, the folder that
+``flare23 calibrate`` (:mod:`flare23.inference.calibrate`) writes from the user's scans. It is cached like
+the fp32 model, its key also holding NNCF's version, its settings and the calibration record's SHA-256.
+A calibration whose inputs were made with another spacing or normalisation than the model's is refused
+in one line (:meth:`CalibrationSet.check_branch`), as is int8 with the PyTorch engine, on CUDA, or without
+a calibration (:func:`check_engine`).
 """
 
 from __future__ import annotations
@@ -320,7 +328,9 @@ class OpenVinoNetwork:
 class EngineNetworks:
     """The networks the cascade runs, per ``engine``: each network itself (PyTorch) or its OpenVINO compilation.
 
-    OpenVINO runs in fp32. Where the run's precision makes PyTorch autocast (bf16, or fp16 on CUDA; the
+    OpenVINO runs in fp32, or int8 with ``precision="int8"`` and ``calibration`` (a ``flare23 calibrate``
+    folder, checked against ``branches``, the cascade's :class:`flare23.inference.branches.Branch` objects,
+    when this object is made). Where the run's precision makes PyTorch autocast (bf16, or fp16 on CUDA; the
     caller says so with ``autocast``) the network itself is returned, so the precision the user asked for
     is the one used. Each network is compiled (or read from its cache in ``cache_dir``) once per window,
     timed by ``timer`` as the stage ``<name>_convert``.
