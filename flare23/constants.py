@@ -40,6 +40,9 @@ BACKGROUND = 0
 ORGAN_IDS: tuple[int, ...] = tuple(range(1, 14))
 TUMOR_ID = 14
 FOREGROUND_IDS: tuple[int, ...] = ORGAN_IDS + (TUMOR_ID,)
+#: Organs where the tumors of FLARE 2023 lie (liver, right kidney, spleen, pancreas, gallbladder, stomach, duodenum,
+#: left kidney): with ``tumor_windows="hosts"`` the tumor model runs only near them or near the organ model's tumor.
+TUMOR_HOST_IDS: tuple[int, ...] = (1, 2, 3, 4, 9, 11, 12, 13)
 
 #: MONAI-style ``channel_def`` of the 15-channel models (metadata.json).
 CHANNEL_DEF: dict[str, str] = {str(i): n for i, n in LABELS.items()}

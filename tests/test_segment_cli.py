@@ -127,6 +127,9 @@ def test_side_files_are_named_per_case_with_the_roi_record_threads_and_the_umask
         record = json.loads((out / f"{case}_roi.json").read_text())
         assert record["case"] == case and record["source"].endswith(f"{case}.nii.gz")
         assert record["stage_seconds"]["organ_network"] > 0 and record["total_s"] > 0
+        windows = record["windows"]  # skipping is off by default: every window of both branches ran
+        assert windows["organ_windows_run"] >= 1 and windows["tumor_windows_run"] >= 1
+        assert windows["organ_windows_skipped"] == windows["tumor_windows_skipped"] == 0
         assert record["threads"] == (1 if runs[case] else available_cpus())
         box, img = record["roi_box"], nib.load(str(phantom / f"{case}.nii.gz"))
         assert not box["empty"] and box["image_shape"] == list(img.shape)

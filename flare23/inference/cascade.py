@@ -7,12 +7,16 @@ Per case, :class:`CascadeInferer` does, on one device:
    ROI gives an all-background result and a warning.
 2. Crop, and reorient the crop to RAS (a permutation and flips: the fine models were trained on
    ``Orientationd(axcodes="RAS")`` data).
-3. Tumor branch, then organ branch: resample the crop on the device to the model's spacing
+3. Organ branch, then tumor branch: resample the crop on the device to the model's spacing
    (:func:`flare23.data.resample.resample_image`), CT-normalise with the fingerprint, Gaussian sliding
    window with a softmax per patch (no test-time mirroring; MONAI's windows and weights, run slab by
    slab along the slice axis by :func:`flare23.inference.sliding.sliding_window_slabs`), probabilities
-   accumulated in half precision on CUDA. On CUDA the organ branch's preprocessing runs in a thread
-   while the tumor branch's windows run.
+   accumulated in half precision on CUDA. On CUDA the tumor branch's preprocessing runs in a thread
+   while the organ branch's windows run. Optionally (:mod:`flare23.inference.skipping`) windows that
+   hold only air are not run (``skip_air_windows``), and the tumor model runs only near the organ
+   model's tumor-host organs and tumor (``tumor_windows="hosts"``): a skipped window counts as
+   certain background. Windows run and skipped per case and branch are kept in
+   :attr:`CascadeInferer.window_counts`.
 4. Each finished slab of probabilities goes back to the crop grid on the device at once:
    trilinear interpolation + arg-max (:class:`flare23.data.resample.StreamingLabels`), identical to the
    whole-volume computation. Only about two windows' depth of probabilities ever exists, so
@@ -48,12 +52,23 @@ import torch
 from monai.inferers import Inferer
 
 from flare23.config import as_bool
+from flare23.constants import BACKGROUND, NUM_CLASSES
 from flare23.data.grids import reorient
 from flare23.data.resample import DEFAULT_BLOCK, StreamingLabels, resample_image
 from flare23.errors import Flare23Error, case_error
 from flare23.inference.branches import Branch, CascadeNetworks
 from flare23.inference.engine import EngineNetworks
 from flare23.inference.postprocess import ensemble, postprocess
+from flare23.inference.skipping import (
+    WindowCounter,
+    body_mask,
+    check_margin,
+    check_tumor_windows,
+    combine,
+    host_mask,
+    margin_voxels,
+    window_plan,
+)
 from flare23.inference.sliding import sliding_window_slabs
 from flare23.inference.weights import WeightsError
 from flare23.io import voxel_spacing
@@ -93,10 +108,14 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+#: ``precision`` values: autocast choices, and ``int8`` (the organ and tumor networks quantised by NNCF, OpenVINO engine).
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+
+
 def _autocast(device: torch.device, precision: str):
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise Flare23Error(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
-    if precision == "fp32":
+    if precision not in PRECISIONS:
+        raise Flare23Error(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision in ("fp32", "int8"):  # int8: the engine runs quantised networks, PyTorch (the ROI) runs fp32
         return contextlib.nullcontext()
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -128,10 +147,36 @@ def _postprocess_params(params: dict | None) -> dict:
 
 
 
+#: What a skipped window answers: certain background, over the models' classes.
+_BACKGROUND = tuple(1.0 if c == BACKGROUND else 0.0 for c in range(NUM_CLASSES))
+
+
 def _first(value):
     """The first element of a collated meta value (lists of one), or the value itself."""
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
+
+
+def crop_to_box(image: torch.Tensor, affine: np.ndarray, box):
+    """The ROI box's crop of ``image`` and its crop in RAS order (what the fine models were trained on).
+
+    Returns ``(crop, crop_affine, ras, crop_ras, spacing)``: the crop in the file's array order with its
+    affine, the RAS affine, the crop reoriented to it, and its voxel spacing in mm (RAS order).
+    """
+    crop = image[box.slices]
+    crop_affine = affine.copy()
+    crop_affine[:3, 3] = affine[:3, :3] @ np.array([s.start for s in box.slices]) + affine[:3, 3]
+    ras = ras_affine(crop_affine, crop.shape)
+    crop_ras = reorient(crop, crop_affine, ras)
+    spacing = tuple(float(v) for v in voxel_spacing(ras))
+    return crop, crop_affine, ras, crop_ras, spacing
+
+
+def _model_shape(branch: Branch, crop_shape, spacing_ras) -> tuple[int, ...]:
+    """The shape of the branch's model grid for a crop (what :func:`prepare_branch_input` resamples to)."""
+    from flare23.data.spacing import target_shape
+
+    return tuple(int(v) for v in target_shape(crop_shape, spacing_ras, branch.target_spacing))
 
 
 def prepare_branch_input(branch: Branch, crop_ras: torch.Tensor, spacing_ras, device) -> tuple[torch.Tensor, tuple]:
@@ -183,9 +228,16 @@ class CascadeInferer(Inferer):
         out_device: str | torch.device = "cpu",
         engine: str = "torch",
         engine_cache: str | None = None,
+        int8_calibration: str | None = None,
+        skip_air_windows: bool = False,
+        tumor_windows: str = "all",
+        tumor_host_margin_mm: float = 20.0,
     ):
         super().__init__()
-        self._engines = EngineNetworks(engine, engine_cache)
+        if precision not in PRECISIONS:
+            raise Flare23Error(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self._engines = EngineNetworks(engine, engine_cache, precision=precision, calibration=int8_calibration,
+                                       branches=(tumor, organ))  # fmt: skip
         self.tumor, self.organ = tumor, organ
         self.roi_params = dict(roi_params or {})
         self.block = int(block)
@@ -194,14 +246,27 @@ class CascadeInferer(Inferer):
         self.postprocess_params = _postprocess_params(postprocess_params)
         self.overlap_branches = overlap_branches
         self.out_device = torch.device(out_device)
+        self.skip_air_windows = as_bool(skip_air_windows, "skip_air_windows")
+        self.tumor_windows = check_tumor_windows(tumor_windows)
+        self.tumor_host_margin_mm = check_margin(tumor_host_margin_mm)
         self.timings: list[dict] = []
+        # per case, aligned with timings: <branch>_windows_run / <branch>_windows_skipped (counts, not seconds,
+        # so not in the stage times that timings.csv and the run's summary print as seconds)
+        self.window_counts: list[dict] = []
         self.box_records: list[dict] = []  # RoiBox.to_json with the input's affine, per case
         self.failures: list[str] = []
         self.collect_failures = False
 
     # one branch ---------------------------------------------------------------------------------
     def _labels(
-        self, branch: Branch, net: torch.nn.Module, x: torch.Tensor, out_shape, device, timer: StageTimer
+        self,
+        branch: Branch,
+        net: torch.nn.Module,
+        x: torch.Tensor,
+        out_shape,
+        device,
+        timer: StageTimer,
+        windows: WindowCounter | None = None,
     ) -> torch.Tensor:
         """Gaussian sliding window on the model grid, streamed slab by slab into labels on the crop grid.
 
@@ -210,6 +275,8 @@ class CascadeInferer(Inferer):
         only about two windows' depth of probabilities exists at any time, whatever the scan's
         length. Stage times: ``<name>_network`` (forward passes and softmax), ``<name>_aggregate``
         (Gaussian weighting and sums), ``<name>_resample`` (back to the crop grid with arg-max).
+        ``windows`` (:class:`flare23.inference.skipping.WindowCounter`) says which windows run and counts them;
+        a skipped one counts as certain background.
         """
         half = device.type == "cuda" and self.precision != "fp32"
         name = branch.name
@@ -227,7 +294,8 @@ class CascadeInferer(Inferer):
         # windows past the crop are padded with 0 (the fingerprint mean), as training's SpatialPadd and
         # MONAI's validation windows do: instance norm makes every voxel depend on the padding
         slabs = sliding_window_slabs(x, predictor, branch.patch_size, branch.overlap, axis=2, sw_batch_size=branch.sw_batch_size,
-                                     cval=0.0, acc_dtype=torch.float16 if half else torch.float32)  # fmt: skip
+                                     cval=0.0, acc_dtype=torch.float16 if half else torch.float32, run_window=windows,
+                                     skip_probs=_BACKGROUND)  # fmt: skip
         keys = (f"{name}_network", f"{name}_resample")
         before = [timer.times.get(k, 0.0) for k in keys]
         t0 = time.perf_counter()
@@ -282,6 +350,16 @@ class CascadeInferer(Inferer):
         self.failures.append(message)
         print(f"flare23: error: {message}", file=sys.stderr, flush=True)
 
+    def _count_windows(self, counts: dict) -> None:
+        """Record the case's windows run and skipped per branch (:attr:`window_counts`), logged when some were skipped."""
+        record = {}
+        for part in ("organ", "tumor"):
+            record[f"{part}_windows_run"] = counts[part].run
+            record[f"{part}_windows_skipped"] = counts[part].skipped
+        self.window_counts.append(record)
+        if record["organ_windows_skipped"] or record["tumor_windows_skipped"]:
+            logger.info("windows run / skipped: organ %d / %d, tumor %d / %d", *record.values())
+
     def _cascade(self, inputs: torch.Tensor, network: CascadeNetworks) -> torch.Tensor:
         affine = np.asarray(getattr(inputs, "affine", torch.eye(4)).detach().cpu().numpy(), dtype=float)
         if affine.ndim == 3:
@@ -307,39 +385,50 @@ class CascadeInferer(Inferer):
                 network.wait("organ")
                 source = _first((getattr(inputs, "meta", {}) or {}).get("filename_or_obj", "input"))
                 warnings.warn(f"{source}: the ROI extractor found no abdomen: the output is all background", stacklevel=2)
+                self._count_windows({"organ": WindowCounter(), "tumor": WindowCounter()})
                 self.timings.append(timer.times)
                 return out[None, None]
             with timer("crop"):
-                crop = image[box.slices]
-                crop_affine = affine.copy()
-                crop_affine[:3, 3] = affine[:3, :3] @ np.array([s.start for s in box.slices]) + affine[:3, 3]
-                ras = ras_affine(crop_affine, crop.shape)
-                crop_ras = reorient(crop, crop_affine, ras)
-                spacing = tuple(float(v) for v in voxel_spacing(ras))
+                crop, crop_affine, ras, crop_ras, spacing = crop_to_box(image, affine, box)
                 crop_shape = tuple(int(s) for s in crop_ras.shape)
+
+            counts = {"organ": WindowCounter(), "tumor": WindowCounter()}
+            if self.skip_air_windows:
+                with timer("window_plan"):
+                    body = body_mask(crop_ras)
+                    for part, branch in (("organ", self.organ), ("tumor", self.tumor)):
+                        counts[part] = WindowCounter(window_plan(body, _model_shape(branch, crop_shape, spacing),
+                                                                 branch.patch_size, branch.overlap))  # fmt: skip
+                    del body
 
             overlap = self.overlap_branches
             if overlap == "auto":
                 overlap = device.type == "cuda"
             pool = ThreadPoolExecutor(1) if overlap else None
             try:
-                with timer("tumor_preprocess"):
-                    x_t, _ = prepare_branch_input(self.tumor, crop_ras, spacing, device)
-                organ_future = pool.submit(prepare_branch_input, self.organ, crop_ras, spacing, device) if pool else None
-                with timer("tumor_load_wait"):
-                    tumor_net = network.wait("tumor")
-                lab_t = self._labels(self.tumor, tumor_net, x_t, crop_shape, device, timer)
-                del x_t
                 with timer("organ_preprocess"):
-                    x_o, _ = organ_future.result() if organ_future else prepare_branch_input(self.organ, crop_ras, spacing, device)
+                    x_o, _ = prepare_branch_input(self.organ, crop_ras, spacing, device)
+                tumor_future = pool.submit(prepare_branch_input, self.tumor, crop_ras, spacing, device) if pool else None
+                with timer("organ_load_wait"):
+                    organ_net = network.wait("organ")
+                lab_o = self._labels(self.organ, organ_net, x_o, crop_shape, device, timer, counts["organ"])
+                del x_o
+                with timer("tumor_preprocess"):
+                    x_t, _ = tumor_future.result() if tumor_future else prepare_branch_input(self.tumor, crop_ras, spacing, device)
             finally:
                 if pool:
                     pool.shutdown(wait=True)
             del crop, crop_ras  # both branches have their own resampled copies now
-            with timer("organ_load_wait"):
-                organ_net = network.wait("organ")
-            lab_o = self._labels(self.organ, organ_net, x_o, crop_shape, device, timer)
-            del x_o
+            if self.tumor_windows == "hosts":
+                with timer("window_plan"):
+                    hosts = window_plan(host_mask(lab_o), tuple(int(v) for v in x_t.shape[2:]), self.tumor.patch_size,
+                                        self.tumor.overlap, grow=margin_voxels(self.tumor_host_margin_mm, spacing))  # fmt: skip
+                    counts["tumor"] = WindowCounter(combine(counts["tumor"].plan, hosts))
+            with timer("tumor_load_wait"):
+                tumor_net = network.wait("tumor")
+            lab_t = self._labels(self.tumor, tumor_net, x_t, crop_shape, device, timer, counts["tumor"])
+            del x_t
+            self._count_windows(counts)
             with timer("ensemble"):
                 labels = ensemble(lab_o, lab_t)
             del lab_o, lab_t  # full-size maps: only the ensemble goes on

@@ -243,6 +243,8 @@ class CascadeReport:
             "roi_box": self.inferer.box_records[-1] if self.inferer.box_records else None,
             "stage_seconds": {k: v for k, v in row.items() if k not in ("case", "total_s")},
             "total_s": row["total_s"],
+            # windows each network ran and skipped (skip_air_windows, tumor_windows): the inferer's record of this case
+            "windows": getattr(self.inferer, "window_counts", [None])[-1] if getattr(self.inferer, "window_counts", None) else None,
             "threads": torch.get_num_threads(),
             "device": str(self.device) if self.device is not None else None,
         }

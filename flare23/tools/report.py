@@ -276,8 +276,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 #: The pipeline's stages in the order they run (columns of its ``timings.csv``).
 PIPELINE_STAGES = (
-    "roi", "crop", "tumor_preprocess", "tumor_load_wait", "tumor_network", "tumor_aggregate", "tumor_resample",
-    "organ_preprocess", "organ_load_wait", "organ_network", "organ_aggregate", "organ_resample", "ensemble",
+    "roi", "crop", "window_plan", "organ_preprocess", "organ_load_wait", "organ_convert", "organ_network", "organ_aggregate",
+    "organ_resample", "tumor_preprocess", "tumor_load_wait", "tumor_convert", "tumor_network", "tumor_aggregate", "tumor_resample", "ensemble",
     "postprocess", "paste", "total_s",
 )  # fmt: skip
 
