@@ -163,3 +163,13 @@ def test_calibrate_then_segment_int8_end_to_end(phantom, checkpoints, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("flare23: error:")]
     assert r.returncode == 2 and len(errors) == 1 and "target_spacing" in errors[0] and str(cal) in errors[0], r.stderr[-2000:]
     assert not out.exists()
+
+
+def test_calibrate_refuses_options_that_would_make_other_inputs(tmp_path):
+    from flare23.inference.calibrate import calibrate
+
+    # int8 runs on the CPU: a calibration prepared elsewhere, or for another precision or engine, is refused before any work
+    for key, value in (("device", "cuda"), ("precision", "bf16"), ("engine", "torch")):
+        with pytest.raises(Flare23Error, match=f"--{key}: not an option of flare23 calibrate"):
+            calibrate([str(tmp_path / "missing.nii.gz")], tmp_path / "out", **{key: value})
+    assert not (tmp_path / "out").exists()

@@ -35,7 +35,7 @@ from flare23.errors import Flare23Error
 from flare23.io import atomic_path
 
 #: Overrides that make no sense for calibration (it writes no segmentation, and prepares fp32 inputs).
-_NOT_FOR_CALIBRATE = {"dataset_dir", "output_dir", "output_format", "precision", "int8_calibration", "engine"}
+_NOT_FOR_CALIBRATE = {"dataset_dir", "output_dir", "output_format", "precision", "int8_calibration", "engine", "device"}
 DEFAULT_WINDOWS = 32
 
 
@@ -61,6 +61,8 @@ def _pipeline(bundles_dir, overrides: dict):
     parser["precision"] = "fp32"
     for key, value in overrides.items():
         parser[key] = value
+    # int8 runs on the CPU, and the networks are traced for OpenVINO there: the calibration runs there too
+    parser["device"] = "$torch.device('cpu')"
     return parser
 
 
@@ -72,7 +74,7 @@ def calibrate(scans, out, windows: int = DEFAULT_WINDOWS, bundles_dir=None, thre
         out: the calibration folder (created; files of an earlier calibration there are replaced).
         windows: windows per network that NNCF's statistics are taken on (more: slower, usually closer to fp32).
         quantize: also quantise both networks now and cache them (False: DIR only, quantised on the first run).
-        overrides: pipeline bundle ids, as for ``flare23 segment`` (weights, sub-bundle overrides, ``device``...).
+        overrides: pipeline bundle ids, as for ``flare23 segment`` (weights, sub-bundle overrides, ...); it runs on the CPU, where int8 runs.
     """
     from flare23.data.readers import list_cases, read_case
     from flare23.efficiency import parse_threads, set_threads
@@ -85,7 +87,7 @@ def calibrate(scans, out, windows: int = DEFAULT_WINDOWS, bundles_dir=None, thre
         raise Flare23Error(f"--windows must be at least 1, got {windows}")
     overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
     for key in sorted(_NOT_FOR_CALIBRATE & set(overrides)):
-        raise Flare23Error(f"--{key}: not an option of flare23 calibrate (it prepares fp32 inputs for int8 and writes no segmentation)")
+        raise Flare23Error(f"--{key}: not an option of flare23 calibrate (it prepares fp32 inputs for int8 on the CPU and writes no segmentation)")
     paths = [scans] if isinstance(scans, (str, os.PathLike)) else list(scans)
     if not paths:
         raise Flare23Error("calibrate needs at least one scan (a NIfTI file, a folder of them or a DICOM series folder)")
@@ -161,12 +163,12 @@ def write_record(folder: Path, record: dict) -> Path:
 
 
 def label_agreement(net: torch.nn.Module, engine, windows) -> float:
-    """Fraction of voxels of ``windows`` whose arg-max label from ``engine`` equals the one from ``net`` (PyTorch fp32)."""
+    """Fraction of voxels of ``windows`` whose arg-max label from ``engine`` equals the one from ``net`` (PyTorch fp32, on the CPU)."""
     same = total = 0
     for w in windows:
         x = torch.from_numpy(w)
         with torch.inference_mode():
-            ref = net.to("cpu")(x).argmax(1)
+            ref = net(x).argmax(1)
         got = engine(x).argmax(1)
         same += int((ref == got).sum())
         total += ref.numel()

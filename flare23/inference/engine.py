@@ -193,13 +193,12 @@ class CalibrationSet:
         import numpy as np
         from monai.data.utils import dense_patch_slices
 
-        from flare23.inference.sliding import scan_interval
+        from flare23.inference.sliding import scan_interval, window_padding
 
         window = tuple(int(w) for w in window)
         found = []
         for volume in self.volumes(name):
-            pad = [(max(w - n, 0) // 2, max(w - n, 0) - max(w - n, 0) // 2) for w, n in zip(window, volume.shape)]
-            volume = np.pad(volume, pad)
+            volume = np.pad(volume, list(zip(*window_padding(volume.shape, window))))  # as the cascade pads
             for sl in dense_patch_slices(volume.shape, window, scan_interval(volume.shape, window, 0.5)):
                 patch = volume[tuple(sl)]
                 if float(patch.max()) > float(patch.min()):

@@ -36,7 +36,7 @@ def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
     return tuple(int(r) if r == n else max(1, int(r * (1 - overlap))) for n, r in zip(image_size, roi_size))
 
 
-def _padding(image_size: Sequence[int], roi: Sequence[int]) -> tuple[list[int], list[int]]:
+def window_padding(image_size: Sequence[int], roi: Sequence[int]) -> tuple[list[int], list[int]]:
     """MONAI's padding of an image smaller than the window: symmetric, the extra voxel after."""
     before = [max(r - n, 0) // 2 for r, n in zip(roi, image_size)]
     after = [max(r - n, 0) - b for r, n, b in zip(roi, image_size, before)]
@@ -52,7 +52,7 @@ def window_slices(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
     """
     roi = tuple(int(r) for r in roi_size)
     original = tuple(int(s) for s in image_size)
-    before, after = _padding(original, roi)
+    before, after = window_padding(original, roi)
     size = tuple(n + b + a for n, b, a in zip(original, before, after))
     windows = dense_patch_slices(size, roi, scan_interval(size, roi, overlap))
     return [_unpadded(w, before, original) for w in windows]
@@ -124,7 +124,7 @@ def sliding_window_slabs(
     roi = tuple(int(r) for r in roi_size)
     original = tuple(int(s) for s in inputs.shape[2:])
     # MONAI pads an image smaller than the window symmetrically (the extra voxel after) with cval.
-    before, after = _padding(original, roi)
+    before, after = window_padding(original, roi)
     if any(before) or any(after):
         pad = [v for d in (2, 1, 0) for v in (before[d], after[d])]
         inputs = F.pad(inputs, pad, mode="constant", value=cval)
