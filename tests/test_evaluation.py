@@ -108,7 +108,7 @@ def test_evaluate_folders_matches_independent_loop(folders, tmp_path):
     out = tmp_path / "out"
     summary = evaluate_folders(pred_dir, ref_dir, out, progress=False)
     assert (digest(ref_dir), digest(pred_dir)) == before  # inputs untouched
-    assert sorted(p.name for p in out.iterdir()) == ["per_case.csv", "summary.json"]  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == ["lesions.csv", "per_case.csv", "summary.json"]  # no temporary files left
 
     header, rows = read_csv(out / "per_case.csv")
     assert header == COLUMNS

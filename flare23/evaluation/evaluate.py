@@ -23,7 +23,15 @@ Outputs (written atomically; inputs are only read):
 * ``OUT_DIR/summary.json``: ``organ_dsc``, ``organ_nsd``, ``tumor_dsc``, ``tumor_nsd``,
   ``per_class`` (name -> mean ``dsc``, ``nsd`` and the number of cases ``n``), ``n_cases``,
   ``missing`` (cases without a prediction), ``unmatched_predictions`` (predictions without a
-  reference, ignored), ``not_scored``, ``reoriented``, ``resampled``, ``skip_missing``, ``nsd_cutoff``.
+  reference, ignored), ``not_scored``, ``reoriented``, ``resampled``, ``skip_missing``, ``nsd_cutoff``,
+  and ``lesions`` (lesion-wise tumor scores, not part of FLARE's aggregate): ``recall_by_size``
+  (``"<1"``: v < 1 ml, ``"1-10"``: 1 <= v <= 10 ml, ``">10"``: v > 10 ml, and ``"all"``; each
+  ``{"n", "detected", "recall"}``, ``recall`` null when n is 0), ``fp_components_per_case`` (mean over
+  the scored cases), ``fp_components_total``, ``mean_lesion_dsc`` (null when there is no lesion);
+* ``OUT_DIR/lesions.csv``: ``case, lesion, voxels, volume_ml, host, detected, dsc``, one row per
+  26-connected reference tumor component and one (``lesion`` = ``fp<k>``, ``detected`` / ``dsc``
+  empty) per predicted tumor component that overlaps none (:mod:`flare23.evaluation.lesions`; a
+  missing prediction detects nothing).
 
 Cases run in parallel over ``workers`` processes, with a progress bar.
 """
@@ -43,6 +51,7 @@ import numpy as np
 from flare23.constants import FOREGROUND_IDS, LABEL_KEYS, NSD_DSC_CUTOFF
 from flare23.data.grids import RESAMPLE_MODES, to_reference_grid
 from flare23.errors import Flare23Error
+from flare23.evaluation.lesions import lesion_rows, lesions_csv, summarize_lesions
 from flare23.evaluation.metrics import aggregate, evaluate_case
 from flare23.io import atomic_write_json, atomic_write_text, case_name, ensure_output_dir, index_cases, load_nifti
 
@@ -50,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 PER_CASE_CSV = "per_case.csv"
 SUMMARY_JSON = "summary.json"
+LESIONS_CSV = "lesions.csv"
 
 
 def csv_columns(labels=FOREGROUND_IDS) -> list[str]:
@@ -87,10 +97,11 @@ def score_case(
     labels=FOREGROUND_IDS,
     resample: str | None = None,
 ) -> dict:
-    """Score one case from files: ``{"case", "scores": {label: (dsc, nsd)}, "missing": bool, "grid": how}``.
+    """Score one case from files: ``{"case", "scores": {label: (dsc, nsd)}, "lesions": rows, "missing": bool, "grid": how}``.
 
     ``grid`` says how the prediction reached the reference grid: ``"same"``, ``"reoriented"``
     (exact axis transpose / flip), ``"resampled"`` (``resample="nearest"``) or ``"missing"``.
+    ``lesions``: :func:`flare23.evaluation.lesions.lesion_rows` on the reference grid.
     """
     ref, ref_affine, header = load_label_map(ref_path, "reference")
     spacing = tuple(float(z) for z in header.get_zooms()[:3])
@@ -107,7 +118,8 @@ def score_case(
         scores = evaluate_case(ref, pred, spacing, labels=labels, nsd_cutoff=nsd_cutoff)
     except Flare23Error as exc:
         raise Flare23Error(f"case {case} ({ref_path}): {exc}") from None
-    return {"case": case, "scores": scores, "missing": pred_path is None, "grid": how}
+    lesions = lesion_rows(case, ref, pred, spacing)
+    return {"case": case, "scores": scores, "lesions": lesions, "missing": pred_path is None, "grid": how}
 
 
 def _per_case_csv(rows: list[dict], labels) -> str:
@@ -134,7 +146,7 @@ def evaluate_folders(
     resample: str | None = None,
     skip_missing: bool = False,
 ) -> dict:
-    """Score every reference case in ``ref_dir`` against ``pred_dir``; write the CSV and JSON; return the summary.
+    """Score every reference case in ``ref_dir`` against ``pred_dir``; write the CSVs and JSON; return the summary.
 
     ``resample``: None (a prediction on a non-equivalent grid is an error) or ``"nearest"``.
     ``skip_missing``: score only the reference cases that have a prediction.
@@ -212,9 +224,11 @@ def evaluate_folders(
             "nsd_cutoff": nsd_cutoff,
             "pred_dir": str(pred_dir),
             "ref_dir": str(ref_dir),
+            "lesions": summarize_lesions([x for r in rows for x in r["lesions"]], len(rows)),
         }
     )
     atomic_write_text(out_dir / PER_CASE_CSV, _per_case_csv(rows, labels))
+    atomic_write_text(out_dir / LESIONS_CSV, lesions_csv([x for r in rows for x in r["lesions"]]))
     atomic_write_json(out_dir / SUMMARY_JSON, summary)
     return summary
 
@@ -252,7 +266,7 @@ def evaluate_cli(
     resample: str | None = None,
     skip_missing: bool = False,
 ) -> None:
-    """Score PRED_DIR against REF_DIR (FLARE 2023 DSC / NSD); write OUT/per_case.csv and OUT/summary.json.
+    """Score PRED_DIR against REF_DIR (FLARE 2023 DSC / NSD); write OUT/per_case.csv, OUT/lesions.csv and OUT/summary.json.
 
     A prediction whose grid is the reference grid with its axes reordered or reversed (same voxel
     centres to 1e-3 mm, e.g. LAS against LPS) is transposed / flipped onto it exactly; any other
@@ -272,7 +286,7 @@ def evaluate_cli(
         resample=resample, skip_missing=skip_missing,
     )  # fmt: skip
     print(format_summary(summary))
-    print(f"wrote {Path(out) / PER_CASE_CSV} and {Path(out) / SUMMARY_JSON}")
+    print(f"wrote {Path(out) / PER_CASE_CSV}, {Path(out) / LESIONS_CSV} and {Path(out) / SUMMARY_JSON}")
 
 
 def evaluate_datalist(
