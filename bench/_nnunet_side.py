@@ -71,11 +71,16 @@ def _zyx(per_stage_xyz) -> list[list[int]]:
     return [list(reversed([int(v) for v in k])) for k in per_stage_xyz]
 
 
-def nnunet_plans(filters, arch: str = "resenc") -> dict:
+def nnunet_plans(filters, arch: str = "resenc", *, spacing_zyx=None, patch_zyx=None, strides_xyz=None, fingerprint=None,
+                 batch_size: int = 2, dataset_name: str = "Dataset999_Flare23Bench") -> dict:  # fmt: skip
     """nnU-Net v2 ``plans.json`` for our organ model: same spacing, patch, kernels, strides and fingerprint.
 
     nnU-Net reads NIfTI with SimpleITK, whose arrays are (z, y, x): every per-axis value is the
-    ``_ZYX`` form of :mod:`flare23.constants` (``transpose_forward`` is the identity).
+    ``_ZYX`` form of :mod:`flare23.constants` (``transpose_forward`` is the identity). The keywords
+    replace the organ model's defaults for a training comparison (``bench/bench_training.py``):
+    ``spacing_zyx``, ``patch_zyx``, ``strides_xyz`` (per stage, x, y, z as our configs write them) and
+    ``fingerprint`` (``clip_low``, ``clip_high``, ``mean``, ``std``: the CT normalisation, as
+    ``flare23 fingerprint`` writes it).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
@@ -83,13 +88,14 @@ def nnunet_plans(filters, arch: str = "resenc") -> dict:
     n = len(filters)
     if n != len(KERNELS_XYZ):
         raise ValueError(f"filters must have {len(KERNELS_XYZ)} widths (one per stage), got {filters}")
-    fp = FINGERPRINT_DEFAULTS["organ"]
+    fp = dict(fingerprint or FINGERPRINT_DEFAULTS["organ"])
+    strides = strides_xyz if strides_xyz is not None else ORGAN_STRIDES_XYZ
     arch_kwargs = {
         "n_stages": n,
         "features_per_stage": filters,
         "conv_op": "torch.nn.modules.conv.Conv3d",
         "kernel_sizes": _zyx(KERNELS_XYZ),
-        "strides": _zyx(ORGAN_STRIDES_XYZ),
+        "strides": _zyx(strides),
         "n_conv_per_stage_decoder": [2] * (n - 1),
         "conv_bias": True,
         "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
@@ -103,7 +109,8 @@ def nnunet_plans(filters, arch: str = "resenc") -> dict:
         arch_kwargs["n_blocks_per_stage"] = [1] * n
     else:
         arch_kwargs["n_conv_per_stage"] = [2] * n
-    spacing = [float(v) for v in ORGAN_SPACING_ZYX]
+    spacing = [float(v) for v in (spacing_zyx or ORGAN_SPACING_ZYX)]
+    patch = [int(v) for v in (patch_zyx or ORGAN_PATCH_ZYX)]
     resampling = {
         "resampling_fn_data": "resample_data_or_seg_to_shape",
         "resampling_fn_seg": "resample_data_or_seg_to_shape",
@@ -113,7 +120,7 @@ def nnunet_plans(filters, arch: str = "resenc") -> dict:
         "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
     }
     return {
-        "dataset_name": "Dataset999_Flare23Bench",
+        "dataset_name": dataset_name,
         "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": spacing,
         "original_median_shape_after_transp": [100, 512, 512],
@@ -124,8 +131,8 @@ def nnunet_plans(filters, arch: str = "resenc") -> dict:
             CONFIGURATION: {
                 "data_identifier": "nnUNetPlans_3d_fullres",
                 "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 2,
-                "patch_size": [int(v) for v in ORGAN_PATCH_ZYX],
+                "batch_size": int(batch_size),
+                "patch_size": patch,
                 "median_image_size_in_voxels": [100, 500, 500],
                 "spacing": spacing,
                 "normalization_schemes": ["CTNormalization"],
