@@ -15,7 +15,7 @@ Between cases the anatomy changes by a global body scale, fat and muscle thickne
 random poses (shift, scale, small rotation), a smooth random deformation and a smooth random
 boundary perturbation. Hounsfield values follow a portal-venous or arterial contrast phase,
 with low-frequency tissue texture, correlated noise and partial-volume blur (a Gaussian of
-about half a voxel). Tumors (label 14, hypo- or hyper-dense, 5-60 mm) are placed inside the
+about half a voxel). Tumors (label 14, per host and contrast phase (metastasis, HCC, RCC, PDAC, gastric; docs/phantoms.md), 5-60 mm) are placed inside the
 liver, a kidney, the pancreas or the stomach, always one voxel (26-neighbourhood) away from the
 host's boundary.
 

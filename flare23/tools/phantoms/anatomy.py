@@ -29,8 +29,13 @@ PSEUDO_MISSED_FRACTION = 0.3
 PSEUDO_SMALL_ORGANS: tuple[int, ...] = (7, 8, 9, 10)
 #: Tumor host organs and their probabilities (liver lesions dominate FLARE's tumor class).
 TUMOR_HOSTS: dict[int, float] = {1: 0.45, 2: 0.125, 13: 0.125, 4: 0.15, 11: 0.15}
-#: Tumor diameter range in mm.
+#: Tumor diameter range in mm (log-normal, median 22 mm, clipped to the range and to the host's room).
 TUMOR_DIAMETER_MM = (5.0, 60.0)
+#: Version of the phantom generator's output, recorded in ``phantoms.json`` (settings and each case). "2":
+#: tumors by type with published contrast per host and phase (``lesions.py``); the same seed gives the same
+#: anatomy and tumor geometry as "1" but different tumor HU, texture and manifest fields, and different kidney
+#: medulla HU in the portal phase.
+PHANTOM_VERSION = "2"
 #: Number of tumors in a case with tumors, with probabilities.
 TUMOR_COUNT_PROBS: dict[int, float] = {1: 0.6, 2: 0.25, 3: 0.15}
 #: Array orientations (nibabel axis codes) and their probabilities.

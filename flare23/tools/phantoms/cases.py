@@ -219,8 +219,9 @@ def _sample_hu(rng, phase: str) -> tuple[np.ndarray, np.ndarray]:
         "urine": (u(0, 15), 3.0),
         "artery": (u(250, 380) if art else u(160, 220), 5.0),
         "liver": (u(60, 85) if art else u(95, 125), 6.0),
-        "kidney_cortex": (u(180, 250) if art else u(150, 190), 6.0),
-        "kidney_medulla": (u(90, 130) if art else u(130, 170), 6.0),
+        "kidney_cortex": (cortex := u(180, 250) if art else u(150, 190), 6.0),
+        # portal venous (early nephrographic) phase: the medulla has nearly caught up with the cortex
+        "kidney_medulla": (u(90, 130) if art else cortex - u(0, 25), 6.0),
         "spleen": (u(110, 150) if art else u(105, 135), 10.0),
         "pancreas": (u(100, 140) if art else u(85, 115), 14.0),
         "aorta": (u(250, 380) if art else u(160, 220), 5.0),

@@ -19,6 +19,7 @@ from flare23.tools.phantoms.anatomy import (
     MATERIALS,
     PARTIAL_KEEP,
     PARTIAL_PROPORTIONS,
+    PHANTOM_VERSION,
     PSEUDO_ERROR_PROBS,
     PSEUDO_MISSED_FRACTION,
     PSEUDO_SMALL_ORGANS,
@@ -26,6 +27,7 @@ from flare23.tools.phantoms.anatomy import (
 )
 from flare23.tools.phantoms.builder import _Builder
 from flare23.tools.phantoms.cases import _check_fraction, _check_int, _check_size, _choice, _sample_case
+from flare23.tools.phantoms.lesions import TUMOR_CONTRAST_HU, TUMOR_TYPES, finish_tumors
 
 
 def _pseudo(organs_map: np.ndarray, rng, miss: int | None) -> tuple[np.ndarray, dict]:
@@ -85,7 +87,9 @@ def _affine(case: dict) -> np.ndarray:
     return ras @ nib.orientations.inv_ornt_aff(tr, case["shape_ras"])
 
 
-def make_phantom(seed, size="tiny", tumor=None, orientation=None, slices=None, *, partial_kind=None, pseudo_miss=None) -> dict:
+def make_phantom(
+    seed, size="tiny", tumor=None, orientation=None, slices=None, *, partial_kind=None, pseudo_miss=None, noiseless=False
+) -> dict:
     """One synthetic case in memory.
 
     ``tumor``: True (at least one tumor), False (none) or None (random, probability
@@ -94,7 +98,8 @@ def make_phantom(seed, size="tiny", tumor=None, orientation=None, slices=None, *
     ``partial_kind``: "all", "five", "tumor" or None (random, :data:`PARTIAL_PROPORTIONS`; a
     "tumor" partial label of a case without tumor is empty).
     ``pseudo_miss``: True / False / None (random, :data:`PSEUDO_MISSED_FRACTION`) whether the
-    pseudo label misses one small organ.
+    pseudo label misses one small organ. ``noiseless``: also return ``noiseless`` (float32), the renderer's
+    HU map before noise and blur (material HU + tissue texture), on which the tumors' ``contrast_hu`` is measured.
 
     Returns a dict: ``image`` (int16 HU), ``label`` (uint8 full labels), ``partial``, ``pseudo``,
     ``organs`` (the clean organ map before tumors were painted), ``tissue`` (uint8 material codes,
@@ -120,6 +125,8 @@ def make_phantom(seed, size="tiny", tumor=None, orientation=None, slices=None, *
     b = _Builder(case)
     b.anatomy()
     tumors = b.tumors(bool(tumor))
+    # tumor HU calibrated to the drawn contrast (texture included); contrast_hu, noise_sd_hu, cnr measured
+    finish_tumors(tumors, b.material, b.label, b.organs_map, b.hu, b.tex, b.texture, noise_std)
     image = b.image(noise_std, pad_value)
     label = b.label
     keep = np.zeros(256, bool)
@@ -134,6 +141,7 @@ def make_phantom(seed, size="tiny", tumor=None, orientation=None, slices=None, *
         t["center_voxel"] = [int(round(v)) for v in nib.affines.apply_affine(inv, t["center_mm"])]
     counts = _label_counts(label)
     meta = {
+        "phantom_version": PHANTOM_VERSION,
         "seed": int(seed),
         "size": size,
         "shape": [int(v) for v in _reorient(label, code).shape],
@@ -154,7 +162,7 @@ def make_phantom(seed, size="tiny", tumor=None, orientation=None, slices=None, *
         "label_voxels": {LABEL_KEYS[i]: counts[i - 1] for i in range(1, TUMOR_ID + 1)},
         "hu": {name: round(float(b.hu[c]), 1) for name, c in _M.items()},
     }
-    return {
+    out = {
         "image": _reorient(image, code),
         "label": _reorient(label, code),
         "partial": _reorient(partial, code),
@@ -164,6 +172,10 @@ def make_phantom(seed, size="tiny", tumor=None, orientation=None, slices=None, *
         "affine": affine,
         "meta": meta,
     }
+    if noiseless:
+        full = tuple(slice(0, n) for n in b.material.shape)
+        out["noiseless"] = _reorient((b.hu[b.material] + b.tex[b.material] * b.texture(*full)).astype(np.float32), code)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +330,7 @@ def generate_phantoms(
     }
     atomic_write_json(out / "datalist.json", datalist)
     settings = {
+        "phantom_version": PHANTOM_VERSION,
         "cases": cases,
         "seed": seed,
         "size": size,
@@ -329,6 +342,8 @@ def generate_phantoms(
         "pseudo_error_probs": PSEUDO_ERROR_PROBS,
         "pseudo_missed_fraction": PSEUDO_MISSED_FRACTION,
         "materials": MATERIALS,
+        "tumor_types": {str(h): types for h, types in TUMOR_TYPES.items()},
+        "tumor_contrast_hu": TUMOR_CONTRAST_HU,
     }
     atomic_write_json(out / "phantoms.json", {"settings": settings, "cases": metas})
     return out

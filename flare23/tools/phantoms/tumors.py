@@ -6,19 +6,26 @@ import numpy as np
 from scipy import ndimage
 
 from flare23.constants import LABEL_KEYS, TUMOR_ID
-from flare23.tools.phantoms.anatomy import _M, TUMOR_COUNT_PROBS, TUMOR_DIAMETER_MM, TUMOR_HOSTS, TUMOR_MATERIAL_BASE, _axes
+from flare23.tools.phantoms.anatomy import TUMOR_COUNT_PROBS, TUMOR_DIAMETER_MM, TUMOR_HOSTS, TUMOR_MATERIAL_BASE, _axes
 from flare23.tools.phantoms.cases import _choice
-
-#: Material whose HU a tumor of each host is offset from.
-_HOST_MATERIAL = {1: "liver", 2: "kidney_cortex", 13: "kidney_cortex", 4: "pancreas", 11: "stomach_wall"}
+from flare23.tools.phantoms.lesions import (
+    TUMOR_CODE_STRIDE,
+    drawn_contrast,
+    plan_appearance,
+    reference_codes,
+    solve_hu,
+    tumor_type,
+)
 
 
 class _TumorPass:
-    """Places a case's tumors: hypo- or hyper-dense ellipsoids, 5-60 mm, with a wobbly boundary when large.
+    """Places a case's tumors: ellipsoids, 5-60 mm, with a wobbly boundary when large, of a type per host.
 
-    Paints ``label`` (TUMOR_ID) and ``material`` (one code per tumor, ``TUMOR_MATERIAL_BASE + k``) in
-    place and sets each tumor's HU and texture in the ``hu`` / ``tex`` tables. The hosts are found in
-    ``organs_map``, the organ labels before any tumor.
+    Paints ``label`` (TUMOR_ID) and ``material`` (tumor k: codes ``TUMOR_MATERIAL_BASE + TUMOR_CODE_STRIDE * k +
+    part``, its parts from :func:`~flare23.tools.phantoms.lesions.plan_appearance`) in place and sets each
+    part's HU and texture in the ``hu`` / ``tex`` tables, provisionally (without the texture field, which
+    :func:`~flare23.tools.phantoms.lesions.finish_tumors` adds). The hosts are found in ``organs_map``, the
+    organ labels before any tumor.
     """
 
     def __init__(self, case, grid, shape, label, material, hu, tex):
@@ -70,29 +77,48 @@ class _TumorPass:
         f = rng.uniform(0.85, 1.15, 3)
         radii = r * f / np.cbrt(np.prod(f))  # equivalent-sphere diameter = diam
         rot = _axes(rng.normal(size=3), rng.normal(size=3))
-        tumor = self._ellipsoid(core, box, c, radii, rot, r)
+        tumor, tb, rho = self._ellipsoid(core, box, c, radii, rot, r)
         tumor[tuple(c)] = True
         cz, cy, cx = (int(v) for v in c)
-        kind = "hypo" if rng.random() < 0.7 else "hyper"
-        delta = float(rng.uniform(20.0, 60.0)) * (-1.0 if kind == "hypo" else 1.0)
-        code = TUMOR_MATERIAL_BASE + index
-        self.hu[code] = self.hu[_M[_HOST_MATERIAL[host]]] + delta
-        self.tex[code] = 8.0
+        # the two draws that once gave hypo / hyper and the HU offset: the geometry of later tumors stays put
+        u_type, u_contrast = rng.random(), rng.random()
+        phase = self.case["phase"]
+        ttype = tumor_type(u_type, host)
+        sub = tumor[tb]
+        arng = np.random.default_rng([self.case["seed"], 3, 10 + index])
+        parts, model = plan_appearance(arng, ttype, phase, diam, sub, np.where(sub, rho, 1.0), sp)
+        code0 = TUMOR_MATERIAL_BASE + TUMOR_CODE_STRIDE * index
         self.label[box][tumor] = TUMOR_ID
-        self.material[box][tumor] = code
+        self.material[box][tb][sub] = code0 + parts[sub]
+        # provisional HU: reference parenchyma from the HU table, texture left out (finish_tumors adds it)
+        refc = reference_codes(host, phase)
+        ref = (organs_map[box] == host) & (self.label[box] == host) & np.isin(self.material[box], refc)
+        h = float(self.hu[self.material[box][ref]].mean()) if ref.any() else float(self.hu[refc].mean())
+        target = drawn_contrast(u_contrast, ttype, phase, h)
+        counts = np.bincount(parts[sub], minlength=TUMOR_CODE_STRIDE)
+        solve_hu(self.hu, self.tex, code0, model, target, h, counts, np.zeros(TUMOR_CODE_STRIDE))
+        tbox = tuple(slice(box[a].start + tb[a].start, box[a].start + tb[a].stop) for a in range(3))
         zyx = np.array([box[0].start + cz, box[1].start + cy, box[2].start + cx])
         return {
             "host": int(host),
             "host_name": LABEL_KEYS[host],
-            "kind": kind,
-            "hu_delta": round(delta, 1),
+            "type": ttype,
+            "phase": phase,
+            "kind": "hypo" if target < 0 else "hyper",
+            "hu_delta": round(target, 1),
             "diameter_mm": round(diam, 2),
             "center_mm": [round(float(v), 3) for v in self.grid.world(zyx)],
             "voxels": int(tumor.sum()),
+            "appearance": model.pop("features"),
+            "_draw": {"code0": code0, "target": target, "model": model, "box": tbox},  # for finish_tumors
         }
 
-    def _ellipsoid(self, core, box, c, radii, rot, r) -> np.ndarray:
-        """Mask (shape of ``core``, inside ``core``) of the rotated ellipsoid centred on voxel ``c`` of the host ``box``."""
+    def _ellipsoid(self, core, box, c, radii, rot, r):
+        """Mask (shape of ``core``, inside ``core``) of the rotated ellipsoid centred on voxel ``c`` of the host ``box``.
+
+        Also returns the ellipsoid's own box ``tb`` (slices of ``core``) and its normalised radius there
+        (0 at the centre, 1 on the surface).
+        """
         sp = self.sp
         # evaluate the ellipsoid on its own box only
         ext = np.ceil(1.4 * radii.max() / sp).astype(int) + 1
@@ -108,4 +134,4 @@ class _TumorPass:
             s = s / (wob * wob)
         tumor = np.zeros(core.shape, bool)
         tumor[tb] = (s <= 1.0) & core[tb]
-        return tumor
+        return tumor, tb, np.sqrt(s)
