@@ -170,12 +170,13 @@ def train_side_by_side(cmds: dict[str, list[str]], logs: dict[str, Path], env: d
         fh = open(logs[name], "w")
         procs[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT), fh, time.perf_counter())
     for name, (p, fh, t0) in procs.items():
-        rc = p.wait()
+        _, status, usage = os.wait4(p.pid, 0)  # the child's own CPU time: what it got of the shared cores
+        p.returncode = rc = os.waitstatus_to_exitcode(status)
         fh.close()
         text = logs[name].read_text(errors="replace")
         if rc != 0:
             raise SystemExit(f"bench_training: training {name} failed (exit {rc}); see {logs[name]}:\n{text[-3000:]}")
-        out[name] = {"seconds": time.perf_counter() - t0, "log": text}
+        out[name] = {"seconds": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "log": text}
     return out
 
 
@@ -212,8 +213,8 @@ def markdown(result: dict) -> str:
         f"widths {s['filters']}, spacing {s['spacing']} mm (x, y, z), patch {s['patch']}, batch {s['batch_size']}; "
         f"{s['train_cases']} training / {s['val_cases']} validation crops, {s['heldout_cases']} held-out crops; {result['hardware']}.",
         "",
-        "| system | iterations | patches | patches / s | epochs | mean organ DSC | organ NSD | tumor DSC | tumor NSD | lesions found | FP components |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| system | CPU min | iterations | patches | patches / CPU s | epochs | mean organ DSC | organ NSD | tumor DSC | tumor NSD | lesions found | FP components |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in SYSTEMS:
         r = result["systems"].get(name)
@@ -222,7 +223,7 @@ def markdown(result: dict) -> str:
         t, sc, lc = r["training"], r["scores"], r.get("lesion_counts", {})
         found = f"{lc.get('detected', '-')} / {lc.get('lesions', '-')}" if lc else "-"
         lines.append(
-            f"| {r['label']} | {t['iterations']} | {t['patches']} | {_f(t['patches_per_s'], 2)} | {t['epochs']} | "
+            f"| {r['label']} | {_f(t.get('cpu_s', 0) / 60, 1)} | {t['iterations']} | {t['patches']} | {_f(t['patches'] / t['cpu_s'] if t.get('cpu_s') else None, 2)} | {t['epochs']} | "
             f"{_f(sc['organ_dsc'])} | {_f(sc['organ_nsd'])} | {_f(sc['tumor_dsc'])} | {_f(sc['tumor_nsd'])} | {found} | {lc.get('fp_components', '-')} |"
         )
     names = [LABEL_KEYS[i] for i in (*ORGAN_IDS, TUMOR_ID)]
@@ -250,7 +251,19 @@ def _hardware(threads: int) -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def render(work: str) -> str:
+    """The table again from ``WORK/result.json`` (``python bench/bench_training.py --render WORK``)."""
+    md = markdown(json.loads((Path(work) / "result.json").read_text()))
+    (Path(work) / "result.md").write_text(md)
+    return md
+
+
 def main(argv=None) -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:
+        print(render(argv[1]))
+        return {}
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("organ", "tumor"), required=True)
     ap.add_argument("--train_data", required=True)
@@ -306,7 +319,7 @@ def main(argv=None) -> dict:
     labels = str(data["heldout"] / "labelsTr")
     if "ours" in systems:
         t = count_iterations(trained["ours"]["log"])
-        t.update(seconds=trained["ours"]["seconds"], patches=t["iterations"] * a.batch_size)
+        t.update(seconds=trained["ours"]["seconds"], cpu_s=trained["ours"]["cpu_s"], patches=t["iterations"] * a.batch_size)
         t["patches_per_s"] = t["patches"] / t["seconds"]
         pred = work / "ours" / "pred"
         _check(ours_infer_cmd(a, data, work / "ours" / "ckpt", pred), work / "logs" / "ours_infer.log", env)
@@ -318,6 +331,7 @@ def main(argv=None) -> dict:
     if "nnunet" in systems:
         t = _result_line(trained["nnunet"]["log"])
         t.pop("epochs_log", None)
+        t["cpu_s"] = trained["nnunet"]["cpu_s"]
         for name, settings, label in (("nnunet", "default", "nnU-Net v2 (its inference defaults: step 0.5, mirroring)"),
                                       ("nnunet_equal", "equal", "nnU-Net v2 (our inference settings)")):  # fmt: skip
             pred = nn_work / f"pred_{settings}"

@@ -107,7 +107,7 @@ def _fake_result():
     per_class = {LABEL_KEYS[i]: {"dsc": 0.5 + i / 100, "nsd": 0.6} for i in (*ORGAN_IDS, TUMOR_ID)}
 
     def system(label, its, dsc):
-        return {"label": label, "training": {"iterations": its, "patches": 2 * its, "patches_per_s": 2 * its / 2400, "epochs": its // 50},
+        return {"label": label, "training": {"cpu_s": 2400.0, "iterations": its, "patches": 2 * its, "patches_per_s": 2 * its / 2400, "epochs": its // 50},
                 "scores": {"organ_dsc": dsc, "organ_nsd": 0.7, "tumor_dsc": 0.2, "tumor_nsd": 0.25, "per_class": per_class},
                 "lesion_counts": {"lesions": 10, "detected": 4, "fp_components": 3}}  # fmt: skip
 
@@ -131,8 +131,8 @@ def _fake_result():
 
 def test_markdown_table_rows():
     md = bt.markdown(_fake_result())
-    assert "| ours | 1000 | 2000 | 0.83 | 20 | 0.800 | 0.700 | 0.200 | 0.250 | 4 / 10 | 3 |" in md
-    assert "| nnU-Net | 1500 | 3000 | 1.25 | 30 | 0.700 |" in md
+    assert "| ours | 40.0 | 1000 | 2000 | 0.83 | 20 | 0.800 | 0.700 | 0.200 | 0.250 | 4 / 10 | 3 |" in md
+    assert "| nnU-Net | 40.0 | 1500 | 3000 | 1.25 | 30 | 0.700 |" in md
     assert "budget 40 min per system, 1 thread(s) each" in md and "12 held-out crops" in md
     assert f"| tumor | {0.5 + TUMOR_ID / 100:.3f} | {0.5 + TUMOR_ID / 100:.3f} |" in md
 
@@ -168,3 +168,9 @@ def test_nnunet_trainer_keeps_its_defaults():
     r = subprocess.run([str(NNUNET_PY), "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "nnUNetTrainer True ['train_step', 'run_training', '__init__'] ['budget_s', 'epoch_length']"
+
+
+def test_render_rebuilds_the_table_from_result_json(tmp_path):
+    (tmp_path / "result.json").write_text(json.dumps(_fake_result()))
+    bt.main(["--render", str(tmp_path)])
+    assert (tmp_path / "result.md").read_text() == bt.markdown(_fake_result())
