@@ -31,7 +31,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -43,6 +42,8 @@ BENCH = Path(__file__).resolve().parent
 for _p in (str(ROOT), str(BENCH)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+from bench_pipeline import _hardware as hardware  # noqa: E402  (one description of the machine for every bench)
 
 from flare23.constants import LABEL_KEYS, ORGAN_IDS, ORGAN_STRIDES_XYZ, TUMOR_ID, TUMOR_STRIDES_XYZ  # noqa: E402
 
@@ -223,7 +224,7 @@ def markdown(result: dict) -> str:
         t, sc, lc = r["training"], r["scores"], r.get("lesion_counts", {})
         found = f"{lc.get('detected', '-')} / {lc.get('lesions', '-')}" if lc else "-"
         lines.append(
-            f"| {r['label']} | {_f(t.get('cpu_s', 0) / 60, 1)} | {t['iterations']} | {t['patches']} | {_f(t['patches'] / t['cpu_s'] if t.get('cpu_s') else None, 2)} | {t['epochs']} | "
+            f"| {r['label']} | {_f(t['cpu_s'] / 60, 1) if t.get('cpu_s') else '-'} | {t['iterations']} | {t['patches']} | {_f(t['patches'] / t['cpu_s'] if t.get('cpu_s') else None, 2)} | {t['epochs']} | "
             f"{_f(sc['organ_dsc'])} | {_f(sc['organ_nsd'])} | {_f(sc['tumor_dsc'])} | {_f(sc['tumor_nsd'])} | {found} | {lc.get('fp_components', '-')} |"
         )
     names = [LABEL_KEYS[i] for i in (*ORGAN_IDS, TUMOR_ID)]
@@ -237,18 +238,6 @@ def markdown(result: dict) -> str:
         vals = [result["systems"][n]["scores"]["per_class"].get(c, {}).get("dsc") for n in present]
         lines.append(f"| {c} | " + " | ".join(_f(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _hardware(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def render(work: str) -> str:
@@ -307,7 +296,7 @@ def main(argv=None) -> dict:
         logs["nnunet"] = work / "logs" / "nnunet_train.log"
     trained = train_side_by_side(cmds, logs, env)
 
-    result: dict = {"settings": {}, "systems": {}, "hardware": _hardware(a.threads)}
+    result: dict = {"settings": {}, "systems": {}, "hardware": hardware(a.threads)}
     datalist = json.loads((data["train"] / "datalist.json").read_text())
     result["settings"] = {
         "model": a.model, "budget_min": a.budget_min, "threads": a.threads, "filters": a.filters, "spacing": a.spacing,

@@ -134,6 +134,9 @@ def test_markdown_table_rows():
     assert "| ours | 40.0 | 1000 | 2000 | 0.83 | 20 | 0.800 | 0.700 | 0.200 | 0.250 | 4 / 10 | 3 |" in md
     assert "| nnU-Net | 40.0 | 1500 | 3000 | 1.25 | 30 | 0.700 |" in md
     assert "budget 40 min per system, 1 thread(s) each" in md and "12 held-out crops" in md
+    missing = _fake_result()
+    missing["systems"]["ours"]["training"].pop("cpu_s")
+    assert "| ours | - | 1000 | 2000 | - |" in bt.markdown(missing)  # no CPU time: said, never 0
     assert f"| tumor | {0.5 + TUMOR_ID / 100:.3f} | {0.5 + TUMOR_ID / 100:.3f} |" in md
 
 
