@@ -6,7 +6,7 @@ per sub-command; the result is the last ``RESULT {json}`` line on stdout. ``nnUN
 (it reads them at import)::
 
     python bench/_nnunet_train.py prepare --work DIR --data CROPS --plans PLANS.json [--dataset_id 998]
-    python bench/_nnunet_train.py train   --work DIR --budget_s 2400 [--threads 1] [--epoch_length 50]
+    python bench/_nnunet_train.py train   --work DIR --budget_s 2400 [--threads 1] [--epoch_length 50] [--clock wall|cpu]
     python bench/_nnunet_train.py predict --work DIR --images DIR --out DIR [--settings default|equal] [--threads 1]
 
 * ``prepare``: ``CROPS`` is a folder written by ``flare23 crop`` (``imagesTr``, ``labelsTr``,
@@ -131,10 +131,11 @@ def _trainer_class():
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class BudgetTrainer(nnUNetTrainer):
-        """nnUNetTrainer fitted to a wall-clock budget (see the module docstring); everything else its own."""
+        """nnUNetTrainer fitted to a budget of wall or CPU time (see the module docstring); everything else its own."""
 
         budget_s = 0.0
         epoch_length = 50
+        clock = staticmethod(time.monotonic)
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device=torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)  # nnU-Net records these arguments by name
@@ -150,7 +151,7 @@ def _trainer_class():
 
         def run_training(self):  # nnU-Net's loop with a horizon that may shrink
             self.on_train_start()
-            t0 = time.monotonic()
+            t0 = self.clock()
             t_first = t_last = None
             done = 0
             while self.current_epoch < self.num_epochs:
@@ -163,7 +164,7 @@ def _trainer_class():
                     vals = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
                     self.on_validation_epoch_end(vals)
                 self.on_epoch_end()  # increments current_epoch
-                now = time.monotonic()
+                now = self.clock()
                 done += 1
                 last, t_last = now - (t_last or t0), now
                 if done == 1:
@@ -187,7 +188,12 @@ def _trainer_class():
     return BudgetTrainer
 
 
-def train(work: Path, budget_s: float, threads: int = 1, epoch_length: int = 50, dataset_id: int = 998, seed: int = 0) -> dict:
+#: The budget's clock (as ``TimeBudget``'s ``time_budget_clock``): wall time, or this process's CPU time.
+CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
+
+
+def train(work: Path, budget_s: float, threads: int = 1, epoch_length: int = 50, dataset_id: int = 998, seed: int = 0,
+          clock: str = "wall") -> dict:  # fmt: skip
     paths = set_paths(work)
     os.environ["nnUNet_n_proc_DA"] = "0"
     os.environ.setdefault("nnUNet_compile", "f")
@@ -203,7 +209,7 @@ def train(work: Path, budget_s: float, threads: int = 1, epoch_length: int = 50,
     dataset_json = json.loads((pre / "dataset.json").read_text())
     plans["continue_training"] = False  # nnUNetv2_train's run_training sets it; the trainer pops it
     cls = _trainer_class()
-    cls.budget_s, cls.epoch_length = float(budget_s), int(epoch_length)
+    cls.budget_s, cls.epoch_length, cls.clock = float(budget_s), int(epoch_length), staticmethod(CLOCKS[clock])
     trainer = cls(plans=plans, configuration=CONFIGURATION, fold=0, dataset_json=dataset_json, device=torch.device("cpu"))
     t0 = time.perf_counter()
     trainer.run_training()
@@ -259,6 +265,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epoch_length", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="the budget's clock (wall, or CPU time)")
     ap.add_argument("--images")
     ap.add_argument("--out")
     ap.add_argument("--settings", choices=("default", "equal"), default="default")
@@ -267,7 +274,7 @@ def main(argv=None) -> None:
     if a.command == "prepare":
         result = prepare(work, Path(a.data), Path(a.plans), a.dataset_id)
     elif a.command == "train":
-        result = train(work, a.budget_s, a.threads, a.epoch_length, a.dataset_id, a.seed)
+        result = train(work, a.budget_s, a.threads, a.epoch_length, a.dataset_id, a.seed, a.clock)
     else:
         result = predict(work, Path(a.images), Path(a.out), a.settings, a.threads, a.dataset_id)
     print("RESULT " + json.dumps(result), flush=True)

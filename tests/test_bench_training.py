@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,10 @@ def test_markdown_table_rows():
     md = bt.markdown(_fake_result())
     assert "| ours | 40.0 | 1000 | 2000 | 0.83 | 20 | 0.800 | 0.700 | 0.200 | 0.250 | 4 / 10 | 3 |" in md
     assert "| nnU-Net | 40.0 | 1500 | 3000 | 1.25 | 30 | 0.700 |" in md
-    assert "budget 40 min per system, 1 thread(s) each" in md and "12 held-out crops" in md
+    assert "budget 40 min of wall clock per system, 1 thread(s) each" in md and "12 held-out crops" in md  # no clock: wall
+    cpu = _fake_result()
+    cpu["settings"]["clock"] = "cpu"
+    assert "budget 40 min of CPU time per system" in bt.markdown(cpu)
     missing = _fake_result()
     missing["systems"]["ours"]["training"].pop("cpu_s")
     assert "| ours | - | 1000 | 2000 | - |" in bt.markdown(missing)  # no CPU time: said, never 0
@@ -170,10 +174,34 @@ def test_nnunet_trainer_keeps_its_defaults():
     )
     r = subprocess.run([str(NNUNET_PY), "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "nnUNetTrainer True ['train_step', 'run_training', '__init__'] ['budget_s', 'epoch_length']"
+    assert r.stdout.strip() == "nnUNetTrainer True ['train_step', 'run_training', '__init__'] ['budget_s', 'clock', 'epoch_length']"
 
 
 def test_render_rebuilds_the_table_from_result_json(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps(_fake_result()))
     bt.main(["--render", str(tmp_path)])
     assert (tmp_path / "result.md").read_text() == bt.markdown(_fake_result())
+
+
+@needs_nnunet
+def test_nnunet_cpu_clock_is_process_time(tmp_path):
+    """``--clock cpu`` gives nnU-Net's budget the same clock as ours (``TimeBudget(clock="cpu")``)."""
+    code = (
+        "import sys, time; sys.path.insert(0, 'bench'); import _nnunet_train as t; "
+        "print(t.CLOCKS['cpu'] is time.process_time, t.CLOCKS['wall'] is time.monotonic)"
+    )
+    r = subprocess.run([str(NNUNET_PY), "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True True"
+    from flare23.training.resume import TimeBudget
+
+    assert TimeBudget.CLOCKS["cpu"] is time.process_time
+
+
+def test_our_training_command_passes_the_budget_clock():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(model="organ", spacing="2.75,2.75,4.0", patch="64,64,32", filters="8,16,32,64,64,64", budget_min=40.0,
+                           clock="cpu", epoch_length=50, batch_size=2, val_interval=5)  # fmt: skip
+    cmd = bt.ours_train_cmd(args, {"train": Path("t"), "fingerprint": Path("f.json")}, Path("c"), Path("o"))
+    assert cmd[cmd.index("--time_budget_clock") + 1] == "cpu" and cmd[cmd.index("--time_budget_s") + 1] == "2400.0"

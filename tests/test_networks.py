@@ -10,7 +10,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import DynUNet
 
 from flare23 import constants
-from flare23.models.networks import NnDynUNet, count_parameters
+from flare23.models.networks import NativeHeadsDynUNet, NnDynUNet, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -75,12 +75,16 @@ def test_only_the_kernels_change():
 
 @pytest.mark.parametrize("which", ["organ", "tumor"])
 def test_outputs_and_gradients(which):
+    """Training output: 4 levels, each head at its own stage's size (not upsampled); gradients reach the top."""
     strides = STRIDES[which]
     net = _net(NnDynUNet, strides)
     x = torch.randn(2, 1, 32, 32, 32)
-    out = net.train()(x)  # deep supervision: heads stacked on dim 1, all at full size
-    assert out.shape == (2, 4, constants.NUM_CLASSES, 32, 32, 32)
-    out.square().mean().backward()
+    out = net.train()(x)  # deep supervision: full resolution first, then each head at its own size
+    expected = [tuple(32 // int(s) for s in strides[0])]  # stage k's size: the input over the strides up to k
+    for stride in strides[1 : len(out)]:
+        expected.append(tuple(a // int(s) for a, s in zip(expected[-1], stride)))
+    assert [tuple(o.shape) for o in out] == [(2, constants.NUM_CLASSES, *e) for e in expected]
+    sum(o.square().mean() for o in out).backward()
     top = net.upsamples[-1].conv_block.conv1.conv.weight.grad
     assert top is not None and torch.isfinite(top).all() and top.abs().sum() > 0
     with torch.no_grad():
@@ -102,3 +106,56 @@ def test_bundle_network_can_be_switched_from_the_command_line(bundle):
     net = parser.get_parsed_content("network")
     assert isinstance(net, NnDynUNet)
     assert tuple(net.upsamples[-1].conv_block.conv1.conv.weight.shape[2:]) == tuple(constants.KERNELS_XYZ[0])
+
+
+@pytest.mark.parametrize("which", ["organ", "tumor"])
+def test_native_heads_are_dynunets_heads_before_upsampling(which):
+    """``NativeHeadsDynUNet`` returns DynUNet's level-0 output and its heads at their own size; the same weights."""
+    strides = STRIDES[which]
+    torch.manual_seed(1)
+    monai = _net(DynUNet, strides).train()
+    ours = _net(NativeHeadsDynUNet, strides).train()
+    ours.load_state_dict(monai.state_dict(), strict=True)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        stacked, levels = monai(x), ours(x)
+    assert isinstance(levels, list) and len(levels) == stacked.shape[1] == 4
+    torch.testing.assert_close(levels[0], stacked[:, 0], rtol=0, atol=0)
+    for k, head in enumerate(levels[1:], start=1):
+        assert head.shape[2:] != stacked.shape[3:]  # not upsampled
+        # DynUNet's stacked head is the same head upsampled by nearest neighbour
+        up = torch.nn.functional.interpolate(head, size=stacked.shape[3:])
+        torch.testing.assert_close(up, stacked[:, k], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), monai.eval()(x), rtol=0, atol=0)
+
+
+def test_native_heads_loss_compares_each_head_with_the_downsampled_reference():
+    """The deep-supervision loss of the list output = sum of w_k * loss(head_k, nearest-exact downsampled reference)."""
+    from flare23.models.losses import StackedDeepSupervisionLoss, WeightedDiceFocalLoss
+
+    strides = STRIDES["organ"]
+    torch.manual_seed(2)
+    net = _net(NativeHeadsDynUNet, strides).train()
+    x = torch.randn(1, 1, 32, 32, 32)
+    y = torch.randint(0, constants.NUM_CLASSES, (1, 1, 32, 32, 32)).float()
+    base = WeightedDiceFocalLoss(dice_mode="per_class")
+    levels = net(x)
+    got = StackedDeepSupervisionLoss(base)(levels, y)
+    weights = [0.5**k for k in range(len(levels))]
+    want = 0.0
+    for w, out in zip(weights, levels):
+        # independent downsampling: take the reference voxel nearest each head voxel's centre
+        idx = [((torch.arange(n) + 0.5) * (m / n)).floor().long() for n, m in zip(out.shape[2:], y.shape[2:])]
+        ref = y[:, :, idx[0]][:, :, :, idx[1]][:, :, :, :, idx[2]]
+        want = want + w * base(out, ref)
+    torch.testing.assert_close(got, want / sum(weights))
+
+
+@pytest.mark.parametrize("bundle", ["organ_seg", "tumor_seg"])
+def test_bundles_train_with_native_heads(bundle):
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+    parser["network_def#filters"] = list(FILTERS)
+    parser["device"] = "$torch.device('cpu')"
+    assert type(parser.get_parsed_content("network")) is NativeHeadsDynUNet

@@ -119,3 +119,42 @@ def test_ranks_agree_under_ddp(tmp_path):
         parallel.run(_ddp_worker, tmp_path)
     results = {p.name: p.read_text() for p in tmp_path.glob("rank*.txt")}
     assert results == {"rank0.txt": "9 9", "rank1.txt": "9 9"}  # rank 1 alone would have fitted 4
+
+
+def _sleepy_run(clock, budget=0.3, max_epochs=6):
+    """Epochs of 4 iterations that sleep 50 ms each: wall time passes, almost no CPU time."""
+    import time
+
+    engine = Engine(lambda e, _: time.sleep(0.05))
+    handler = TimeBudget(budget, calibration_epochs=1, clock=clock)
+    handler.attach(engine)
+    engine.run(range(4), max_epochs=max_epochs)
+    return engine, handler
+
+
+def test_the_cpu_clock_counts_this_process_cpu_time_not_waiting():
+    """``time_budget_clock cpu``: a training that waits (a shared machine) keeps its compute budget."""
+    engine, handler = _sleepy_run("wall")  # 0.2 s per epoch against 0.3 s: cut short
+    assert engine.state.epoch < 6 and handler.fitted_epochs is not None
+    engine, handler = _sleepy_run("cpu")  # the sleeps cost no CPU time: the whole run fits
+    assert engine.state.epoch == 6 and handler.fitted_epochs is None
+
+
+@pytest.mark.parametrize("bundle", ["organ_seg", "tumor_seg", "roi_extractor"])
+def test_bundles_pass_time_budget_clock_to_the_handler(bundle):
+    import time
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs" / "train.json"))
+    handlers = parser.get("train#handlers")
+    i = next(k for k, h in enumerate(handlers) if isinstance(h, dict) and h.get("_target_", "").endswith("TimeBudget"))
+    for value, clock in (("wall", time.monotonic), ("cpu", time.process_time)):
+        parser["time_budget_clock"] = value
+        parser["train#handlers"][i]["lr_scheduler"] = None
+        handler = parser.get_parsed_content(f"train#handlers#{i}", lazy=False)
+        assert handler.clock is clock
+    with pytest.raises(Flare23Error, match="time_budget_clock must be one of"):
+        TimeBudget(10.0, clock="gpu")

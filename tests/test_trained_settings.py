@@ -397,3 +397,25 @@ def test_inference_without_the_heads_is_the_trained_network_and_any_other_differ
     no_heads = RecordedSettings(BUNDLES / "organ_seg", "organ", parsed(ckpt).get_parsed_content("network_def"), {})
     with pytest.raises(Flare23Error, match=r"cannot resume: the checkpoint was trained with network_def#deep_supervision True"):
         no_heads.load_state_dict(state)
+
+
+def test_native_heads_dynunet_is_dynunets_network_for_resume_fine_tuning_and_inference():
+    """A 0.8.x checkpoint (DynUNet) resumes under the 0.9 training network (NativeHeadsDynUNet) and back; other classes still differ."""
+    from monai.networks.nets import DynUNet
+
+    from flare23.models.networks import NativeHeadsDynUNet, NnDynUNet
+    from flare23.models.spec import network_difference
+
+    k, s = [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [2, 2, 1], [2, 2, 2]]
+    args = dict(filters=[4, 8, 16], deep_supervision=True, deep_supr_num=1, res_block=True)
+    old, new, nn = (cls(3, 1, 15, k, s, s[1:], **args) for cls in (DynUNet, NativeHeadsDynUNet, NnDynUNet))
+    old_spec, new_spec, nn_spec = network_spec(old), network_spec(new), network_spec(nn)
+    assert old_spec["_target_"] != new_spec["_target_"]
+    assert network_difference(old_spec, new_spec) is None and network_difference(new_spec, old_spec) is None
+    state = RecordedSettings(BUNDLES / "organ_seg", "organ", old, {}).state_dict()
+    RecordedSettings(BUNDLES / "organ_seg", "organ", new, {}).load_state_dict(state)  # resume: accepted
+    new.load_state_dict(old.state_dict(), strict=True)
+    # nnU-Net's kernels are another network (other weight shapes): still refused by name
+    assert network_difference(old_spec, nn_spec)[0] == "network_def#_target_"
+    with pytest.raises(Flare23Error, match=r"cannot resume: the checkpoint was trained with network_def#_target_"):
+        RecordedSettings(BUNDLES / "organ_seg", "organ", nn, {}).load_state_dict(state)

@@ -115,8 +115,35 @@ class LightUNet(nn.Module):
         return self.head(x)
 
 
-class NnDynUNet(DynUNet):
-    """MONAI ``DynUNet`` with nnU-Net's decoder kernels (same arguments, same module names).
+class NativeHeadsDynUNet(DynUNet):
+    """MONAI ``DynUNet`` whose deep-supervision outputs keep their own resolution (same arguments, same weights).
+
+    In training mode with ``deep_supervision``, MONAI's ``DynUNet`` upsamples every head to the full
+    patch size and stacks them (``(B, L, C, ...)``), so the loss is computed ``L`` times at full
+    resolution. nnU-Net instead compares each head with the reference downsampled to the head's size.
+    This class returns ``[full-resolution logits, head 1, head 2, ...]``, each at its own size, and
+    :class:`flare23.models.losses.StackedDeepSupervisionLoss` (MONAI's ``DeepSupervisionLoss``)
+    downsamples the reference to each (``nearest-exact``, as nnU-Net). The level-0 output and every
+    weight are DynUNet's; only the deep-supervision terms see nnU-Net's targets instead of
+    nearest-upsampled heads. A CPU training step of the CPU runs' network (widths 8-64, 64 x 64 x 32,
+    batch 2, one thread, the bundle's loss) takes 1.31 s instead of 2.07 s with the organ strides (1.58x)
+    and 1.53 s instead of 2.08 s with the tumor strides (1.36x; ``bench/bench_network.py --compare
+    heads``): most of the 1.8x more iterations that nnU-Net made in the same budget
+    (``bench/bench_training.py``, issue 24).
+
+    Evaluation mode, and TorchScript (which cannot script DynUNet's heads anyway), return DynUNet's
+    output unchanged, so inference, export and the state-dict keys are DynUNet's.
+    """
+
+    def forward(self, x):
+        out = self.output_block(self.skip_layers(x))
+        if not torch.jit.is_scripting() and self.training and self.deep_supervision:
+            return [out] + list(self.heads)
+        return out
+
+
+class NnDynUNet(NativeHeadsDynUNet):
+    """:class:`NativeHeadsDynUNet` with nnU-Net's decoder kernels (same arguments, same module names).
 
     nnU-Net's decoder merges the skip of encoder stage ``s`` with convolutions of that stage's
     kernel (``dynamic_network_architectures``' ``UNetDecoder`` takes ``kernel_sizes[-(s + 1)]``).

@@ -127,6 +127,15 @@ def _spec_of(target: str, args: dict) -> dict:
 #: DynUNet's arguments that only add training outputs (the deep-supervision heads, used by the loss alone).
 HEAD_ARGS = ("deep_supervision", "deep_supr_num")
 
+#: Classes that are another class's network (the same modules, weights and inference output) and differ
+#: only in their training outputs: a checkpoint of one is the other's (resume, fine-tuning, inference).
+SAME_NETWORK_AS = {"flare23.models.networks.NativeHeadsDynUNet": "monai.networks.nets.dynunet.DynUNet"}
+
+
+def _canonical(spec: dict) -> dict:
+    target = spec.get("_target_")
+    return {**spec, "_target_": SAME_NETWORK_AS[target]} if target in SAME_NETWORK_AS else spec
+
 
 def heads_as_asked(stored: dict, asked: dict) -> dict:
     """``stored`` without its deep-supervision heads when ``asked`` has none (inference), else ``stored`` unchanged.
@@ -150,9 +159,11 @@ def network_difference(
     ``class_id`` names the id that chooses the class (``network_def#network`` in the inference configs).
     ``heads_optional`` (inference): a network asked without the deep-supervision heads that ``stored`` was
     trained with agrees with it (:func:`heads_as_asked`); a resumed training compares them strictly.
+    Classes in :data:`SAME_NETWORK_AS` agree with the class they map to.
     """
     if heads_optional:
         stored = heads_as_asked(stored, asked)
+    stored, asked = _canonical(stored), _canonical(asked)
     if same(stored, asked):
         return None
     key = first_difference(stored, asked)

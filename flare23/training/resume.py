@@ -173,7 +173,14 @@ class TimeBudget:
     differ, by the horizon they were computed with). Under DDP, rank 0's
     decision is broadcast, so every rank stops at the same epoch. The budget counts from ``Events.STARTED``
     (dataset caching before it is not counted); a resumed run gets the whole budget again.
+
+    ``clock`` (the configs' ``time_budget_clock``): ``"wall"`` (default, ``time.monotonic``) or ``"cpu"``
+    (``time.process_time``: this process's CPU time over all its threads, data loading included when it
+    runs in the process). ``"cpu"`` gives trainings that share a machine the same compute whatever the
+    load, as ``bench/bench_training.py`` needs; a callable is used as is (tests).
     """
+
+    CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
     def __init__(self, budget_s: float = 0.0, lr_scheduler=None, calibration_epochs: int = 2, clock=None):
         try:
@@ -186,7 +193,11 @@ class TimeBudget:
             raise Flare23Error(f"TimeBudget: calibration_epochs must be >= 1, got {calibration_epochs!r}")
         self.lr_scheduler = lr_scheduler
         self.calibration_epochs = int(calibration_epochs)
-        self.clock = clock or time.monotonic
+        if clock is None or isinstance(clock, str):
+            if (clock or "wall") not in self.CLOCKS:
+                raise Flare23Error(f"time_budget_clock must be one of {sorted(self.CLOCKS)}, got {clock!r}")
+            clock = self.CLOCKS[clock or "wall"]
+        self.clock = clock
         self.logger = logging.getLogger(__name__)
         self.fitted_epochs: int | None = None
         self._t0 = self._t_first = self._t_last = None
