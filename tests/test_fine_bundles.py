@@ -392,6 +392,14 @@ def test_check_properties_train_finetune_and_multi_gpu(trained, tmp_path, monkey
     assert (tmp_path / "mg" / "checkpoint_epoch=2.pt").exists() == (bundle == "organ_seg")
 
 
+def _dotted(name: str) -> str:
+    """A config's class name (a MONAI short name or a dotted path) as module.qualname."""
+    from flare23.models.spec import _locate
+
+    cls = _locate(name)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def test_configs_read_the_constants(tmp_path):
     from monai.bundle import ConfigParser
 
@@ -440,7 +448,13 @@ def test_configs_read_the_constants(tmp_path):
         q.read_config(str(configs(bundle) / "inference.json"))
         inference = dict(q.get("network_def"))
         assert inference.pop("_target_") == "flare23.models.trained.trained_network" and inference.pop("settings") == "@trained"
-        assert {"_target_": inference.pop("network"), **inference, "deep_supervision": True} == p.get("network_def")
+        # train.json's class is NativeHeadsDynUNet, DynUNet's network with its heads at their own resolution
+        # (flare23.models.spec.SAME_NETWORK_AS: the same weights and inference output)
+        from flare23.models.spec import SAME_NETWORK_AS
+
+        trained = dict(p.get("network_def"))
+        assert SAME_NETWORK_AS[trained.pop("_target_")] == "monai.networks.nets.dynunet.DynUNet" == _dotted(inference.pop("network"))
+        assert {**inference, "deep_supervision": True} == trained
 
 
 def test_network_from_config_deep_supervision_and_loss():
@@ -455,8 +469,8 @@ def test_network_from_config_deep_supervision_and_loss():
     x = torch.randn(2, 1, 64, 64, 16)
     y = torch.randint(0, C.NUM_CLASSES, (2, 1, 64, 64, 16))
     net.train()
-    out = net(x)
-    assert out.shape == (2, 4, C.NUM_CLASSES, 64, 64, 16)  # full resolution + 3 deep-supervision heads
+    out = net(x)  # full resolution + 3 deep-supervision heads, each at its own stage's size
+    assert [tuple(o.shape) for o in out] == [(2, C.NUM_CLASSES, *s) for s in ((64, 64, 16), (32, 32, 16), (16, 16, 8), (8, 8, 4))]
     value = loss(out, y)
     value.backward()
     assert torch.isfinite(value)

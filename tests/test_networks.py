@@ -150,6 +150,7 @@ def test_native_heads_loss_compares_each_head_with_the_downsampled_reference():
         ref = y[:, :, idx[0]][:, :, :, idx[1]][:, :, :, :, idx[2]]
         want = want + w * base(out, ref)
     torch.testing.assert_close(got, want / sum(weights))
+    torch.testing.assert_close(StackedDeepSupervisionLoss(base)(levels, y.long()), got)  # an integer label map too
 
 
 @pytest.mark.parametrize("bundle", ["organ_seg", "tumor_seg"])

@@ -191,8 +191,11 @@ class StackedDeepSupervisionLoss(DeepSupervisionLoss):
 
     A tensor with one dimension more than the target, ``(B, L, C, ...)``, is unbound along ``L``
     (level 0 = full resolution); a list or tuple is used as is; a plain ``(B, C, ...)`` tensor is
-    one level. Weights default to halving per level (``weight_mode="exp"``) and, with
-    ``normalize=True``, are divided by their sum over the levels present, as nnU-Net does.
+    one level. A level smaller than the target (``flare23.models.networks.NativeHeadsDynUNet``'s heads)
+    is compared with the target downsampled to its size (MONAI's ``nearest-exact``, as nnU-Net; an
+    integer label map is taken as float for that). Weights default to halving per level
+    (``weight_mode="exp"``) and, with ``normalize=True``, are divided by their sum over the levels
+    present, as nnU-Net does.
     """
 
     def __init__(
@@ -215,4 +218,6 @@ class StackedDeepSupervisionLoss(DeepSupervisionLoss):
             input = list(torch.unbind(input, dim=1))
         if isinstance(input, torch.Tensor):
             input = [input]
+        if not torch.is_floating_point(target) and any(x.shape[2:] != target.shape[2:] for x in input):
+            target = target.float()  # nearest-exact downsampling needs floats; label values stay exact
         return super().forward(input, target)
