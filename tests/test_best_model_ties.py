@@ -15,7 +15,7 @@ import pytest
 import torch
 from ignite.metrics import Metric
 from monai.bundle import ConfigParser
-from monai.engines import SupervisedEvaluator
+from monai.engines import Evaluator, SupervisedEvaluator
 
 from flare23.training.checkpoints import torch_load_safe
 from flare23.training.savers import SafeCheckpointSaver
@@ -67,3 +67,49 @@ def test_a_tied_validation_score_keeps_the_later_model(bundle, tmp_path):
         best = {1: 1, 2: 2, 3: 3, 4: 3}[epoch]  # 0 then 0 (tie: the later), 0.5, then 0.2 (worse: kept 3)
         torch.testing.assert_close(saved, weights[best - 1])
         assert evaluator.state.best_metric_epoch == best
+
+
+class _Validator(Evaluator):
+    """Stands in for the evaluator (MONAI's handler checks the type): records the epochs it is run for."""
+
+    def __init__(self):  # noqa: D107 - nothing of Evaluator's state is needed
+        self.epochs = []
+
+    def run(self, epoch):
+        self.epochs.append(epoch)
+
+
+def _train(max_epochs, interval, stop_after=None, start_epoch=0):
+    from ignite.engine import Engine, Events
+
+    from flare23.training.validation import FinalValidationHandler
+
+    validator = _Validator()
+    engine = Engine(lambda e, b: None)
+    FinalValidationHandler(interval=interval, validator=validator, epoch_level=True).attach(engine)
+    if stop_after is not None:  # as TimeBudget: terminate at an epoch end
+        engine.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda e: e.terminate())
+    if start_epoch:  # a resumed run: the trainer's counters restored before the loop
+        engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "epoch", start_epoch))
+    engine.run(range(2), max_epochs=max_epochs)
+    return validator.epochs
+
+
+def test_the_last_epoch_is_validated_when_the_interval_skipped_it():
+    assert _train(max_epochs=10, interval=5) == [5, 10]  # the interval covered it: no second validation
+    assert _train(max_epochs=12, interval=5) == [5, 10, 12]  # max_epochs not a multiple of the interval
+    assert _train(max_epochs=29, interval=5, stop_after=27) == [5, 10, 15, 20, 25, 27]  # stopped by a budget
+    assert _train(max_epochs=29, interval=5, stop_after=25) == [5, 10, 15, 20, 25]
+    assert _train(max_epochs=12, interval=5, start_epoch=12) == []  # resumed when already complete: nothing trained
+
+
+@pytest.mark.parametrize("bundle", ["organ_seg", "tumor_seg", "roi_extractor"])
+def test_bundles_validate_their_last_epoch(bundle):
+    from flare23.training.validation import FinalValidationHandler
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "train.json"))
+    handlers = [h for h in parser.get("train#handlers") if isinstance(h, dict) and "ValidationHandler" in h.get("_target_", "")]
+    assert [h["_target_"] for h in handlers] == ["flare23.training.validation.FinalValidationHandler"]
+    assert handlers[0]["interval"] == "@val_interval" and handlers[0]["validator"] == "@validate#evaluator"
+    assert FinalValidationHandler.__mro__[1].__name__ == "ValidationHandler"

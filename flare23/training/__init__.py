@@ -20,11 +20,13 @@
 * :class:`TimeBudget` (configs' ``time_budget_s``) fits a training into a wall-clock budget: it times the
   first epochs and lowers ``max_epochs`` and the poly horizon (:func:`set_horizon`) so that the decay
   completes within the budget.
+* :class:`~flare23.training.validation.FinalValidationHandler` is MONAI's ``ValidationHandler`` that also
+  validates the last epoch when ``val_interval`` skipped it (a budget-stopped run keeps its final model).
 * :func:`load_weights` loads an untrusted checkpoint with ``weights_only=True`` and refuses missing,
   unexpected or mis-shaped keys with a one-line error instead of a partial load; the one exception is
   the deep-supervision heads a training wrote and an inference network is built without, dropped by name
   (:func:`~flare23.training.checkpoints.unused_head_keys`; :func:`~flare23.training.checkpoints.accept_trained_state`
   gives the inference networks' own ``load_state_dict`` the same rule, for MONAI's loaders).
 
-Modules: :mod:`~flare23.training.checkpoints`, :mod:`~flare23.training.savers` (it imports ignite and MONAI's handlers, which take seconds: only the training configs import it, never inference), :mod:`~flare23.training.resume` (:class:`~flare23.training.resume.ResumeFromLast`, :class:`~flare23.training.resume.TimeBudget`).
+Modules: :mod:`~flare23.training.checkpoints`, :mod:`~flare23.training.savers` (it imports ignite and MONAI's handlers, which take seconds: only the training configs import it, never inference), :mod:`~flare23.training.resume` (:class:`~flare23.training.resume.ResumeFromLast`, :class:`~flare23.training.resume.TimeBudget`), :mod:`~flare23.training.validation`.
 """
