@@ -307,6 +307,9 @@ class CascadeInferer(Inferer):
         # the rest of the loop's time is the Gaussian weighting and sums of the windows
         timed = sum(timer.times.get(k, 0.0) - b for k, b in zip(keys, before))
         timer.times[f"{name}_aggregate"] = timer.times.get(f"{name}_aggregate", 0.0) + max(0.0, time.perf_counter() - t0 - timed)
+        release = getattr(run, "release_memory", None)  # an OpenVINO network's buffers: not held while the other branch runs
+        if release is not None:
+            release()
         return sink.result()
 
     # the whole cascade --------------------------------------------------------------------------

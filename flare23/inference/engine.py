@@ -23,9 +23,18 @@ beside the checkpoint (``<checkpoint folder>/.openvino``) where that folder is w
 ``~/.cache/flare23/openvino``.
 
 The batch dimension is dynamic (``sw_batch_size`` and a smaller last batch use the same model); the
-window is static, which is what lets OpenVINO pick its fastest kernels. ``fp32`` forces f32
-inference precision (no silent bf16 on CPUs that have it), so the logits match PyTorch's to float32
-rounding (``tests/test_engine.py``).
+window is static, which is what lets OpenVINO pick its fastest kernels. The inference precision is the
+run's (``inference_precision``): ``f32`` where the run is fp32 (forced: no silent bf16 on CPUs that have
+it), so the logits match PyTorch's to float32 rounding (``tests/test_engine.py``), and ``bf16`` where the
+run's ``precision`` makes PyTorch autocast to bf16 on the CPU (``bf16``, or ``auto`` on a CPU with native
+bf16 kernels): the same precision PyTorch would use, 2.0x (tumor) and 1.6x (organ) faster per window than
+PyTorch's bf16 autocast at the paper's widths on an AVX-512-BF16 EPYC (``bench/README.md``). The cached
+model is the fp32 conversion either way; the precision is chosen when it is compiled.
+
+OpenVINO keeps a compiled network's intermediate buffers after an inference (1.5 GB for the organ
+network's window at the paper's widths, fp32): :meth:`OpenVinoNetwork.release_memory` hands them back,
+and the cascade calls it when a branch's windows are done, so the organ and tumor networks' buffers
+are never held at once.
 
 int8 (issue 23, item 2; ``precision="int8"``): the converted model quantised by NNCF's post-training
 quantisation (:func:`quantize_int8`) on windows drawn from a :class:`CalibrationSet`, the folder that
@@ -58,6 +67,8 @@ logger = logging.getLogger(__name__)
 ENGINES = ("torch", "openvino", "auto")
 #: What OpenVINO runs: fp32 (logits of PyTorch to float32 rounding) or int8 (NNCF post-training quantisation).
 ENGINE_PRECISIONS = ("fp32", "int8")
+#: OpenVINO's ``INFERENCE_PRECISION_HINT`` values used: ``f32``, or ``bf16`` where the run autocasts to bf16 on the CPU.
+INFERENCE_PRECISIONS = ("f32", "bf16")
 #: NNCF's settings for int8 (part of the cache key): MIXED = symmetric int8 weights, asymmetric activations (the
 #: leaky ReLU outputs are not symmetric about 0), fast bias correction.
 INT8_SETTINGS = {"preset": "mixed", "fast_bias_correction": True}
@@ -231,12 +242,14 @@ class OpenVinoNetwork:
 
     def __init__(self, module: torch.nn.Module, window: Sequence[int], cache_dir, name: str = "network",
                  threads: int | None = None, in_channels: int = 1, precision: str = "fp32",
-                 calibration: CalibrationSet | None = None):  # fmt: skip
+                 calibration: CalibrationSet | None = None, inference_precision: str = "f32"):  # fmt: skip
         import openvino as ov
 
         t0 = time.perf_counter()
         if precision not in ENGINE_PRECISIONS:
             raise Flare23Error(f"engine precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
+        if inference_precision not in INFERENCE_PRECISIONS:
+            raise Flare23Error(f"OpenVINO inference precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {inference_precision!r}")
         if precision == "int8" and calibration is None:
             raise Flare23Error("int8 needs a calibration set (flare23 calibrate SCANS --out DIR)")
         self.window = tuple(int(w) for w in window)
@@ -267,7 +280,8 @@ class OpenVinoNetwork:
         self.converted = model is None
         if model is None:
             model = self._convert(ov, module)
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        self.inference_precision = inference_precision
+        config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         config["INFERENCE_NUM_THREADS"] = int(threads or torch.get_num_threads())
         self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
@@ -320,6 +334,10 @@ class OpenVinoNetwork:
         out = self.request.infer({0: x.detach().to("cpu", torch.float32).contiguous().numpy()})
         return torch.from_numpy(out[self.compiled.outputs[0]].copy())
 
+    def release_memory(self) -> None:
+        """Hand back the intermediate buffers OpenVINO keeps after an inference (allocated again by the next one)."""
+        self.compiled.release_memory()
+
     def eval(self):  # the cascade treats it as a module in eval mode
         return self
 
@@ -329,10 +347,10 @@ class EngineNetworks:
 
     OpenVINO runs in fp32, or int8 with ``precision="int8"`` and ``calibration`` (a ``flare23 calibrate``
     folder, checked against ``branches``, the cascade's :class:`flare23.inference.branches.Branch` objects,
-    when this object is made). Where the run's precision makes PyTorch autocast (bf16, or fp16 on CUDA; the
-    caller says so with ``autocast``) the network itself is returned, so the precision the user asked for
-    is the one used. Each network is compiled (or read from its cache in ``cache_dir``) once per window,
-    timed by ``timer`` as the stage ``<name>_convert``.
+    when this object is made). Where the run's precision makes PyTorch autocast to bf16 on the CPU (the caller
+    says so with ``autocast``) OpenVINO runs in bf16 too, so the precision the user asked for is the one
+    used, by either engine. Each network is compiled (or read from its cache in ``cache_dir``) once per
+    window and precision, timed by ``timer`` as the stage ``<name>_convert``.
     """
 
     def __init__(self, engine: str = "torch", cache_dir=None, precision: str = "auto", calibration=None, branches=()):
@@ -353,12 +371,14 @@ class EngineNetworks:
 
     def network_for(self, name: str, window: Sequence[int], net: torch.nn.Module, device, autocast: bool = False, timer=None):
         resolved = check_engine(self.engine, "int8" if self.int8 else "fp32", device, self.calibration and self.calibration.folder)
-        if not self.int8 and (autocast or resolved == "torch"):
+        if not self.int8 and resolved == "torch":
             return net
-        key = (name, id(net), tuple(int(w) for w in window))
+        # autocast on the CPU is bf16 (fp16 autocast is CUDA's, where the engine is PyTorch); int8 runs without it
+        hint = "bf16" if autocast and not self.int8 else "f32"
+        key = (name, id(net), tuple(int(w) for w in window), hint)
         if key not in self._compiled:
             with timer(f"{name}_convert") if timer is not None else contextlib.nullcontext():
                 folder = self.cache_dir or cache_dir_for(None)
                 self._compiled[key] = OpenVinoNetwork(net, window, folder, name=name, precision="int8" if self.int8 else "fp32",
-                                                      calibration=self.calibration)  # fmt: skip
+                                                      calibration=self.calibration, inference_precision=hint)  # fmt: skip
         return self._compiled[key]

@@ -29,8 +29,10 @@ def weights_files(roi_ckpt=None, organ_ckpt=None, tumor_ckpt=None, combined_ckpt
     return {k: str(v) if v else "" for k, v in given.items()}
 
 
-def with_weights(overrides, path, load_pretrain, part: str) -> dict:
-    """A sub-bundle's overrides for the pipeline: its ``ckpt_path`` and ``load_pretrain`` set from the pipeline's ids.
+def with_weights(overrides, path, load_pretrain, part: str, device=None) -> dict:
+    """A sub-bundle's overrides for the pipeline: its ``ckpt_path`` and ``load_pretrain`` set from the pipeline's ids,
+    and its ``device`` the pipeline's (``device``, where given), so that the ids the sub-bundle derives from its
+    device (``sw_batch_size``) are those of the device the cascade runs on.
 
     The sub-bundle then reads the settings its checkpoint carries, as it does when run on its own. Setting
     them inside ``<part>_overrides`` is refused: the pipeline's ``<part>_ckpt`` is the one place.
@@ -39,6 +41,10 @@ def with_weights(overrides, path, load_pretrain, part: str) -> dict:
     for key in ("ckpt_path", "load_pretrain"):
         if key in overrides:
             raise Flare23Error(f"{part}_overrides: {key} is set by the pipeline; use --{part}_ckpt / --load_pretrain instead")
+    if device is not None:
+        if "device" in overrides:
+            raise Flare23Error(f"{part}_overrides: device is set by the pipeline; use --device instead")
+        overrides["device"] = torch.device(device)
     return {**overrides, "ckpt_path": str(path or ""), "load_pretrain": load_pretrain}
 
 class WeightsError(Flare23Error):
