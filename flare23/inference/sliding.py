@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-
 #: windows per forward pass by device: on a CPU one window at a time was as fast per window as two (organ
 #: network, paper widths, bf16 autocast on an AVX-512-BF16 EPYC, 2 threads: 5.12 vs 5.64 s per window; OpenVINO
 #: bf16 3.13 vs 3.19 s) and holds half the activations (peak RSS 2.3 vs 3.8 GB); on CUDA two windows keep the
