@@ -11,6 +11,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FLARE23_SHARED", ROOT.parent / "shared"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory):
+    """The user's cache folder (OpenVINO conversions of checkpoints in unwritable or missing folders) in a temporary
+    folder: the suite never writes under the home directory; subprocesses inherit it."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

@@ -137,13 +137,17 @@ def test_the_cache_sits_beside_the_checkpoint_or_in_the_users_cache(tmp_path, mo
     ckpt.write_bytes(b"")
     assert cache_dir_for(ckpt) == ckpt.parent / CACHE_FOLDER
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     if os.geteuid() != 0:  # root writes into read-only folders
         ckpt.parent.chmod(0o555)
         try:
             assert cache_dir_for(ckpt) == tmp_path / "home" / ".cache" / "flare23" / "openvino"
         finally:
             ckpt.parent.chmod(0o755)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert cache_dir_for(None) == tmp_path / "home" / ".cache" / "flare23" / "openvino"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir_for(None) == tmp_path / "xdg" / "flare23" / "openvino"
 
 
 def test_engine_choice():

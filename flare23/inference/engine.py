@@ -73,7 +73,7 @@ INFERENCE_PRECISIONS = ("f32", "bf16")
 #: leaky ReLU outputs are not symmetric about 0), fast bias correction.
 INT8_SETTINGS = {"preset": "mixed", "fast_bias_correction": True}
 CACHE_FOLDER = ".openvino"
-USER_CACHE = "~/.cache/flare23/openvino"
+USER_CACHE = "flare23/openvino"  # under $XDG_CACHE_HOME, else ~/.cache
 CALIBRATION_RECORD = "calibration.json"
 _CHUNK = 1 << 20
 
@@ -126,12 +126,13 @@ def _file_digest(path: Path) -> str:
 
 
 def cache_dir_for(checkpoint: str | os.PathLike | None) -> Path:
-    """``<checkpoint folder>/.openvino`` when that folder is writable, else the user's cache folder."""
+    """``<checkpoint folder>/.openvino`` when that folder is writable, else the user's cache folder
+    (``$XDG_CACHE_HOME/flare23/openvino``, ``~/.cache/flare23/openvino`` where it is not set)."""
     if checkpoint:
         folder = Path(checkpoint).expanduser().resolve().parent
         if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
             return folder / CACHE_FOLDER
-    return Path(USER_CACHE).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / USER_CACHE
 
 
 def quantize_int8(model, windows):
