@@ -18,7 +18,8 @@ median is.
 * **ours** / **ours_openvino** / **ours_int8**: the pipeline bundle (``bench_pipeline.worker_ours``):
   ROI network -> crop -> tumor and organ branches -> blocked back-resampling with arg-max ->
   ensemble -> cc3d -> write, with the pipeline ids ``engine`` / ``precision``: ``torch`` and
-  ``--precision`` (default ``auto``), ``openvino`` and ``fp32``, ``openvino`` and ``int8`` with
+  ``--precision`` (default ``auto``), ``openvino`` and ``--precision`` (``auto``: the pipeline's default on a
+  CPU, bf16 where the CPU has native bf16 kernels, else fp32), ``openvino`` and ``int8`` with
   ``int8_calibration`` = a folder that ``flare23 calibrate`` makes, before the timed runs, from a
   held-out phantom (another seed) with the same weights and widths. The OpenVINO conversion
   (and int8 quantisation) is cached in one folder (``WORK/openvino_cache``, the pipeline's
@@ -90,13 +91,13 @@ if str(BENCH) not in sys.path:
 NNUNET_PYTHON = BENCH / ".venv-nnunet" / "bin" / "python"
 SYSTEMS = ("ours", "ours_openvino", "ours_int8", "nnunet", "nnunet_default", "monai")
 #: our pipeline, per system: the pipeline ids ``engine`` and ``precision`` (``None``: ``--precision``)
-OURS = {"ours": ("torch", None), "ours_openvino": ("openvino", "fp32"), "ours_int8": ("openvino", "int8")}
+OURS = {"ours": ("torch", None), "ours_openvino": ("openvino", None), "ours_int8": ("openvino", "int8")}
 #: nnU-Net, per system: ``_nnunet_side.py predict --settings``
 NNUNET = {"nnunet": "equal", "nnunet_default": "default"}
 OTHERS = ("nnunet", "nnunet_default", "monai")
 LABELS = {
     "ours": "ours (ROI + organ + tumor)",
-    "ours_openvino": "ours, OpenVINO fp32",
+    "ours_openvino": "ours, OpenVINO (the CPU default)",
     "ours_int8": "ours, OpenVINO int8",
     "nnunet": "nnU-Net v2 at our settings (1 model)",
     "nnunet_default": "nnU-Net v2 as its users run it (1 model)",
@@ -729,7 +730,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--filters", default=None, help="widths of the 6 stages (default cpu: 4,8,16,16,16,16; cuda: the paper's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", help="precision of the `ours` system (PyTorch eager)")
+    p.add_argument("--precision", default="auto", help="precision of the `ours` and `ours_openvino` systems")
     p.add_argument("--threads", type=int, default=2, help="threads per run, every system")
     p.add_argument("--roi", choices=("auto", "model", "oracle"), default="auto",
                    help="our crop: oracle = the box of the phantom's labels; model = the ROI network's; auto = model only with trained ROI weights")  # fmt: skip

@@ -154,11 +154,11 @@ def test_summary_ratios_goals_and_markdown():
     # each row: settings, widths, ROI (source and share kept), threads, runs of the median
     assert ("| 512 x 512 x 500 | ours (ROI + organ + tumor) | PyTorch eager fp32 | 4,8,16,16,16,16 | "
             "oracle box (phantom labels), 25 % of the volume | 2 | 3 | 12.0 |") in md  # fmt: skip
-    assert "| ours, OpenVINO fp32 | OpenVINO fp32 | 4,8,16,16,16,16 |" in md
+    assert "| ours, OpenVINO (the CPU default) | OpenVINO fp32 | 4,8,16,16,16,16 |" in md
     assert ("| nnU-Net v2 as its users run it (1 model) | PyTorch, step 0.5 (nnU-Net's default), Gaussian, mirroring z, y, x | "
             "4,8,16,16,16,16 | none (whole volume; nnU-Net crops to non-zero) | 2 | 1 | 130.0 |") in md  # fmt: skip
     assert "| nnU-Net v2 at our settings (1 model) | PyTorch, step 0.8 (= ours), Gaussian, no mirroring |" in md
-    assert "| 512 x 512 x 500 | ours, OpenVINO fp32 | 7.50x | 21.67x | not run |" in md
+    assert "| 512 x 512 x 500 | ours, OpenVINO (the CPU default) | 7.50x | 21.67x | not run |" in md
     assert "3.75x" in md and "97.00 %" in md and "140 x 446 x 446" in md and "python bench/bench_compare.py" in md
 
 
