@@ -20,7 +20,7 @@ the SHA-256 of both files. A record that does not match or a file whose hash dif
 truncated cache) is rebuilt with a warning, never trusted. Cache files are written to temporary
 names and renamed, so an interrupted conversion leaves nothing that looks complete. The cache lives
 beside the checkpoint (``<checkpoint folder>/.openvino``) where that folder is writable, else under
-``~/.cache/flare23/openvino``.
+``$XDG_CACHE_HOME/flare23/openvino`` (``~/.cache/flare23/openvino`` where it is not set).
 
 The batch dimension is dynamic (``sw_batch_size`` and a smaller last batch use the same model); the
 window is static, which is what lets OpenVINO pick its fastest kernels. The inference precision is the
