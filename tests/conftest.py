@@ -16,6 +16,8 @@ def _user_cache(tmp_path_factory):
     """The user's cache folder (OpenVINO conversions of checkpoints in unwritable or missing folders) in a temporary
     folder: the suite never writes under the home directory; subprocesses inherit it."""
     saved = os.environ.get("XDG_CACHE_HOME")
+    # MONAI Label's environment (minutes to make) stays where scripts/monailabel/run_monailabel.py keeps it between runs
+    os.environ.setdefault("FLARE23_MONAILABEL_VENV", str(Path(saved or Path.home() / ".cache") / "flare23" / "monailabel-venv"))
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user_cache"))
     yield
     if saved is None:
