@@ -714,10 +714,18 @@ def tree(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, list[int]]:
     return out
 
 
+#: The pipeline's OpenVINO conversions (its default engine on a CPU), cached beside a bundle's checkpoint by the first
+#: request: ``model/<bundle>/models/.openvino/<file>`` (flare23.inference.engine.CACHE_FOLDER). A cache, not a leftover.
+ENGINE_CACHE = re.compile(r"^apps/[^/]+/model/[^/]+/models/\.openvino/[^/]+$")
+
+
 def tree_changes(before: dict, after: dict) -> dict:
-    """Files that appeared, disappeared or changed (size or time) between two :func:`tree` listings."""
+    """Files that appeared, disappeared or changed (size or time) between two :func:`tree` listings; new files of the
+    engine cache (:data:`ENGINE_CACHE`) are listed apart, as ``engine_cache``."""
+    new = sorted(set(after) - set(before))
     return {
-        "new": sorted(set(after) - set(before)),
+        "new": [k for k in new if not ENGINE_CACHE.match(k.replace(os.sep, "/"))],
+        "engine_cache": [k for k in new if ENGINE_CACHE.match(k.replace(os.sep, "/"))],
         "removed": sorted(set(before) - set(after)),
         "changed": sorted(k for k in set(before) & set(after) if before[k] != after[k]),
     }
@@ -846,7 +854,7 @@ def serve_and_check(args, log: Log, summary: dict) -> None:
         log(
             f"leftovers: {2 * len(args.models)} requests; files under {work} (the app, the studies, the server's working and "
             f"temporary folders): {len(before)} before, {len(after)} after; new {changes['new']}, removed {changes['removed']}, "
-            f"changed {changes['changed']}"
+            f"changed {changes['changed']}; OpenVINO cache written {changes['engine_cache']}"
         )
         if changes["new"] or changes["removed"]:
             raise RunError(f"the requests left files behind or removed some: new {changes['new']}, removed {changes['removed']}")
