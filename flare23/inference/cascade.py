@@ -236,8 +236,9 @@ class CascadeInferer(Inferer):
         super().__init__()
         if precision not in PRECISIONS:
             raise Flare23Error(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # the fine networks' PyTorch weights are freed once compiled: the cascade runs nothing else with them
         self._engines = EngineNetworks(engine, engine_cache, precision=precision, calibration=int8_calibration,
-                                       branches=(tumor, organ))  # fmt: skip
+                                       branches=(tumor, organ), release_torch=True)  # fmt: skip
         self.tumor, self.organ = tumor, organ
         self.roi_params = dict(roi_params or {})
         self.block = int(block)
@@ -258,6 +259,11 @@ class CascadeInferer(Inferer):
         self.collect_failures = False
 
     # one branch ---------------------------------------------------------------------------------
+    def _network(self, branch: Branch, net: torch.nn.Module, device, timer: StageTimer):
+        """What runs ``branch``'s windows: ``net`` itself or its OpenVINO compilation (made once, then reused)."""
+        mixed = not isinstance(_autocast(device, self.precision), contextlib.nullcontext)
+        return self._engines.network_for(branch.name, branch.patch_size, net, device, autocast=mixed, timer=timer)
+
     def _labels(
         self,
         branch: Branch,
@@ -280,14 +286,15 @@ class CascadeInferer(Inferer):
         """
         half = device.type == "cuda" and self.precision != "fp32"
         name = branch.name
-        mixed = not isinstance(_autocast(device, self.precision), contextlib.nullcontext)
-        run = self._engines.network_for(name, branch.patch_size, net, device, autocast=mixed, timer=timer)
+        run = self._network(branch, net, device, timer)
 
         def predictor(patch):
             with timer(f"{name}_network"):
                 with _autocast(device, self.precision):
-                    logits = run(patch)
-                probs = torch.softmax(logits.float(), dim=1)
+                    logits = run(patch).float()
+                # in place: the logits are ours alone (the forward pass's output, its fp32 copy, or OpenVINO's copied
+                # output), and a second window-sized buffer (110 MB for an organ window) would add to the peak
+                probs = torch.softmax(logits, dim=1, out=logits)
                 return probs.half() if half else probs
 
         sink = StreamingLabels(x.shape[2:], out_shape, axis=2, block=self.block)
@@ -414,6 +421,13 @@ class CascadeInferer(Inferer):
                 tumor_future = pool.submit(prepare_branch_input, self.tumor, crop_ras, spacing, device) if pool else None
                 with timer("organ_load_wait"):
                     organ_net = network.wait("organ")
+                if self._engines.compiles(device):
+                    # both compiled before the organ branch's first window: their PyTorch weights (125 MB each at the
+                    # paper's widths) are freed before its peak, not the tumor's only after it
+                    self._network(self.organ, organ_net, device, timer)
+                    with timer("tumor_load_wait"):
+                        tumor_net = network.wait("tumor")
+                    self._network(self.tumor, tumor_net, device, timer)
                 lab_o = self._labels(self.organ, organ_net, x_o, crop_shape, device, timer, counts["organ"])
                 del x_o
                 with timer("tumor_preprocess"):

@@ -117,6 +117,45 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def structure_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of what ``module`` computes besides its weights: its class and its modules' ``repr`` (layer types, kernels,
+    strides, activation slopes, norms).
+
+    A class that :data:`flare23.models.spec.SAME_NETWORK_AS` maps to another (the same modules and inference output,
+    other training outputs) counts as that class: the checkpoint's recorded ``NativeHeadsDynUNet`` and the
+    ``DynUNet`` that a run with the same ``network_def`` overrides builds share one conversion.
+    """
+    from flare23.models.spec import SAME_NETWORK_AS
+
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"
+    text = repr(module)
+    name = module._get_name()
+    body = text[len(name) :] if text.startswith(name) else text
+    return hashlib.sha256(f"{SAME_NETWORK_AS.get(cls, cls)}\n{body}".encode()).hexdigest()
+
+
+#: set on a module whose weights :func:`release_weights` freed
+RELEASED = "_flare23_weights_released"
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Free ``module``'s parameters and buffers once OpenVINO holds its own copy of them (the cascade's fine networks).
+
+    At the paper's widths each fine network is 125 MB of float32 that nothing reads after its compilation;
+    freed, the organ branch's peak is that much lower. The module is unusable afterwards, loudly: a
+    forward pass fails on the empty weights, and :class:`EngineNetworks` refuses to compile it again
+    (its cache key would be the digest of nothing).
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        for m in module.modules():
+            for key, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[key] = torch.empty(0, dtype=b.dtype, device=b.device)
+    setattr(module, RELEASED, True)
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -260,7 +299,7 @@ class OpenVinoNetwork:
         self.key_parts = {
             "weights_sha256": weights_digest(module),
             # what the weights do not show: layer types and their settings (activation slopes, norms, kernels)
-            "structure_sha256": hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}".encode()).hexdigest(),
+            "structure_sha256": structure_digest(module),
             "window": list(self.window),
             "in_channels": self.in_channels,
             "precision": precision,
@@ -351,13 +390,16 @@ class EngineNetworks:
     when this object is made). Where the run's precision makes PyTorch autocast to bf16 on the CPU (the caller
     says so with ``autocast``) OpenVINO runs in bf16 too, so the precision the user asked for is the one
     used, by either engine. Each network is compiled (or read from its cache in ``cache_dir``) once per
-    window and precision, timed by ``timer`` as the stage ``<name>_convert``.
+    window and precision, timed by ``timer`` as the stage ``<name>_convert``. With ``release_torch`` the
+    PyTorch module's weights are freed once compiled (:func:`release_weights`; the cascade, which runs
+    nothing else with them).
     """
 
-    def __init__(self, engine: str = "torch", cache_dir=None, precision: str = "auto", calibration=None, branches=()):
+    def __init__(self, engine: str = "torch", cache_dir=None, precision: str = "auto", calibration=None, branches=(),
+                 release_torch: bool = False):  # fmt: skip
         if engine not in ENGINES:
             raise Flare23Error(f"engine {engine!r} is not one of: {', '.join(ENGINES)}")
-        self.engine, self.cache_dir = engine, cache_dir
+        self.engine, self.cache_dir, self.release_torch = engine, cache_dir, bool(release_torch)
         self.int8 = precision == "int8"
         self.calibration = None
         if self.int8:
@@ -370,16 +412,29 @@ class EngineNetworks:
                 self.calibration.check_branch(branch)
         self._compiled: dict = {}
 
+    def compiles(self, device) -> bool:
+        """Whether :meth:`network_for` hands out OpenVINO compilations on ``device`` (False: the modules themselves)."""
+        return self.int8 or check_engine(self.engine, "fp32", device) != "torch"
+
     def network_for(self, name: str, window: Sequence[int], net: torch.nn.Module, device, autocast: bool = False, timer=None):
         resolved = check_engine(self.engine, "int8" if self.int8 else "fp32", device, self.calibration and self.calibration.folder)
+        released = getattr(net, RELEASED, False)
         if not self.int8 and resolved == "torch":
+            if released:
+                raise Flare23Error(f"the {name} network's PyTorch weights were freed after its OpenVINO compilation; "
+                                   f"it cannot run on {torch.device(device)} with PyTorch in the same run")  # fmt: skip
             return net
         # autocast on the CPU is bf16 (fp16 autocast is CUDA's, where the engine is PyTorch); int8 runs without it
         hint = "bf16" if autocast and not self.int8 else "f32"
         key = (name, id(net), tuple(int(w) for w in window), hint)
         if key not in self._compiled:
+            if released:  # its digest would be that of no weights: refuse rather than compile or read a wrong cache
+                raise Flare23Error(f"the {name} network's PyTorch weights were freed after its OpenVINO compilation; "
+                                   f"it cannot be compiled again (window {tuple(window)}, precision {hint})")  # fmt: skip
             with timer(f"{name}_convert") if timer is not None else contextlib.nullcontext():
                 folder = self.cache_dir or cache_dir_for(None)
                 self._compiled[key] = OpenVinoNetwork(net, window, folder, name=name, precision="int8" if self.int8 else "fp32",
                                                       calibration=self.calibration, inference_precision=hint)  # fmt: skip
+            if self.release_torch:
+                release_weights(net)
         return self._compiled[key]
