@@ -161,9 +161,32 @@ def test_a_compiled_networks_pytorch_weights_are_freed_and_it_is_never_compiled_
         EngineNetworks("torch").network_for("organ", WINDOW, net, "cpu")
     with pytest.raises(RuntimeError):
         net(x)
+    # another inferer given the same module (MONAI Label re-parsing its config) finds the compilation kept with the module
+    assert EngineNetworks("openvino", tmp_path, release_torch=True).network_for("organ", WINDOW, net, "cpu") is run
     kept = fine(seed=3)  # without release_torch (flare23 calibrate compares the module with its int8 network) nothing is freed
     EngineNetworks("openvino", tmp_path).network_for("organ", WINDOW, kept, "cpu")
     assert sum(p.numel() for p in kept.parameters()) == sum(p.numel() for p in fine().parameters())
+
+
+def test_a_new_network_never_gets_the_compilation_of_a_gone_one(tmp_path):
+    """Compilations live with their module (weakly): a network made after another was dropped (MONAI Label builds a new
+    one when model.pt changes; CPython may give it the old one's address) is compiled from its own weights."""
+    import gc
+
+    from flare23.inference.engine import _COMPILATIONS, EngineNetworks
+
+    engines = EngineNetworks("openvino", tmp_path)
+    x = torch.randn(1, 1, *WINDOW)
+    old = fine(seed=4)
+    engines.network_for("organ", WINDOW, old, "cpu")
+    held = len(_COMPILATIONS)
+    del old
+    gc.collect()
+    assert len(_COMPILATIONS) == held - 1  # gone with its module: nothing left that an address could be matched to
+    new = fine(seed=6)
+    run = engines.network_for("organ", WINDOW, new, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(run(x), 1), torch.softmax(new(x), 1), atol=PROB_ATOL, rtol=0)
 
 
 def test_the_cascade_compiles_both_fine_networks_before_its_first_window_and_frees_their_weights(monkeypatch, tmp_path):

@@ -267,8 +267,16 @@ def test_the_printed_command_segments_a_scan_as_the_quickstart_did(run, tmp_path
     args[args.index("YOUR_SCAN_seg.nii.gz")] = str(tmp_path / "seg.nii.gz")
     # the same threads as the quickstart's own pipeline run (its default): OpenVINO's results depend on the thread count
     # (bf16 logits by up to 0.16 on a tiny random network, 1 against 2 threads), PyTorch's did not
+    cache = run["out"] / "checkpoints" / "organ_seg" / CACHE_FOLDER
+    def listing_of():
+        return sorted((p.name, p.stat().st_mtime_ns) for p in cache.iterdir()) if cache.is_dir() else []
+
+    listing = listing_of()
     proc = subprocess.run([sys.executable, "-m", "flare23", *args[1:]], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the quickstart's conversions serve the command (it builds the recorded network class, the quickstart the class
+    # its overrides name: one conversion for both, not a second one)
+    assert len(listing) == (0 if torch.cuda.is_available() else 6) and listing_of() == listing  # CUDA: PyTorch, no cache
     ours, theirs = load_nifti(tmp_path / "seg.nii.gz"), load_nifti(prediction)
     assert np.array_equal(ours[0], theirs[0]) and np.allclose(ours[1], theirs[1])
     assert len(np.unique(ours[0])) > 1

@@ -54,6 +54,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -133,6 +134,9 @@ def structure_digest(module: torch.nn.Module) -> str:
     body = text[len(name) :] if text.startswith(name) else text
     return hashlib.sha256(f"{SAME_NETWORK_AS.get(cls, cls)}\n{body}".encode()).hexdigest()
 
+
+#: each module's OpenVINO compilations, by (name, window, inference precision, calibration digest)
+_COMPILATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: set on a module whose weights :func:`release_weights` freed
 RELEASED = "_flare23_weights_released"
@@ -410,7 +414,6 @@ class EngineNetworks:
             self.calibration = CalibrationSet(calibration)
             for branch in branches:  # before any case: a calibration for other settings is refused at once
                 self.calibration.check_branch(branch)
-        self._compiled: dict = {}
 
     def compiles(self, device) -> bool:
         """Whether :meth:`network_for` hands out OpenVINO compilations on ``device`` (False: the modules themselves)."""
@@ -426,15 +429,18 @@ class EngineNetworks:
             return net
         # autocast on the CPU is bf16 (fp16 autocast is CUDA's, where the engine is PyTorch); int8 runs without it
         hint = "bf16" if autocast and not self.int8 else "f32"
-        key = (name, id(net), tuple(int(w) for w in window), hint)
-        if key not in self._compiled:
+        # kept with the module itself (weakly: they go when it goes), so another inferer given the same module (MONAI
+        # Label re-parsing a config) finds them, and a new module never gets an old one's compilation by a reused id
+        compiled = _COMPILATIONS.setdefault(net, {})
+        key = (name, tuple(int(w) for w in window), hint, self.calibration.digest if self.int8 else None)
+        if key not in compiled:
             if released:  # its digest would be that of no weights: refuse rather than compile or read a wrong cache
                 raise Flare23Error(f"the {name} network's PyTorch weights were freed after its OpenVINO compilation; "
                                    f"it cannot be compiled again (window {tuple(window)}, precision {hint})")  # fmt: skip
             with timer(f"{name}_convert") if timer is not None else contextlib.nullcontext():
                 folder = self.cache_dir or cache_dir_for(None)
-                self._compiled[key] = OpenVinoNetwork(net, window, folder, name=name, precision="int8" if self.int8 else "fp32",
-                                                      calibration=self.calibration, inference_precision=hint)  # fmt: skip
+                compiled[key] = OpenVinoNetwork(net, window, folder, name=name, precision="int8" if self.int8 else "fp32",
+                                                calibration=self.calibration, inference_precision=hint)  # fmt: skip
             if self.release_torch:
                 release_weights(net)
-        return self._compiled[key]
+        return compiled[key]
