@@ -40,7 +40,8 @@ from flare23.constants import (
     TUMOR_STRIDES_XYZ,
 )
 from flare23.inference.calibrate import write_record, write_volume
-from flare23.inference.engine import CalibrationSet, OpenVinoNetwork
+from flare23.inference.engine import OpenVinoNetwork
+from flare23.inference.int8 import CalibrationSet
 from flare23.models.networks import ROI_FILTERS, LightUNet, NnDynUNet
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import tempfile
@@ -29,6 +30,15 @@ from flare23.constants import FINGERPRINT_DEFAULTS, IMAGE_SUFFIX
 from flare23.errors import Flare23Error
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def is_nifti(path: str | os.PathLike) -> bool:

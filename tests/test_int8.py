@@ -17,7 +17,8 @@ from test_segment_cli import checkpoints, phantom  # noqa: F401 - fixtures
 
 from flare23.errors import Flare23Error
 from flare23.inference.branches import Branch
-from flare23.inference.engine import CALIBRATION_RECORD, CalibrationSet, EngineNetworks, OpenVinoNetwork, check_engine
+from flare23.inference.engine import EngineNetworks, OpenVinoNetwork, check_engine
+from flare23.inference.int8 import CALIBRATION_RECORD, CalibrationSet
 
 FLARE23 = [sys.executable, "-m", "flare23"]
 

@@ -21,7 +21,6 @@ get the same label from int8 as from fp32.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -32,19 +31,11 @@ import numpy as np
 import torch
 
 from flare23.errors import Flare23Error
-from flare23.io import atomic_path
+from flare23.io import atomic_path, file_sha256
 
 #: Overrides that make no sense for calibration (it writes no segmentation, and prepares fp32 inputs).
 _NOT_FOR_CALIBRATE = {"dataset_dir", "output_dir", "output_format", "precision", "int8_calibration", "engine", "device"}
 DEFAULT_WINDOWS = 32
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pipeline(bundles_dir, overrides: dict):
@@ -79,7 +70,8 @@ def calibrate(scans, out, windows: int = DEFAULT_WINDOWS, bundles_dir=None, thre
     from flare23.data.readers import list_cases, read_case
     from flare23.efficiency import parse_threads, set_threads
     from flare23.inference.cascade import crop_to_box, prepare_branch_input
-    from flare23.inference.engine import CALIBRATION_RECORD, EngineNetworks
+    from flare23.inference.engine import EngineNetworks
+    from flare23.inference.int8 import CALIBRATION_RECORD
     from flare23.roi.box import locate
 
     windows = int(windows)
@@ -150,12 +142,12 @@ def write_volume(folder: Path, name: str, case: str, x: np.ndarray) -> dict:
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(x).astype(np.float16))
-    return {"file": f"{name}/{target.name}", "sha256": _sha256(target), "shape": [int(s) for s in np.shape(x)]}
+    return {"file": f"{name}/{target.name}", "sha256": file_sha256(target), "shape": [int(s) for s in np.shape(x)]}
 
 
 def write_record(folder: Path, record: dict) -> Path:
     """``calibration.json``, written last and atomically: the folder counts once every volume is in."""
-    from flare23.inference.engine import CALIBRATION_RECORD
+    from flare23.inference.int8 import CALIBRATION_RECORD
 
     with atomic_path(Path(folder) / CALIBRATION_RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=1))
