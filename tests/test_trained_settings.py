@@ -382,6 +382,19 @@ def test_inference_without_the_heads_is_the_trained_network_and_any_other_differ
         parser.get_parsed_content("trained").check_network(net)  # evaluate.json's check accepts it too
         with torch.no_grad():
             assert torch.equal(load_weights(net, ckpt).eval()(x), trained(x))
+    # a training's recorded class (NativeHeadsDynUNet: DynUNet's network, other training outputs) is built on both routes,
+    # so the plain command and a run that repeats the overrides (the quickstart's) build one network, not two classes
+    from flare23.models.networks import NativeHeadsDynUNet
+    from flare23.models.spec import build_network
+
+    spec = torch.load(ckpt, weights_only=True)["settings"]["network"]
+    native = build_network({**spec, "_target_": "flare23.models.networks.NativeHeadsDynUNet"})
+    native_ckpt = tmp_path / "native.pt"
+    torch.save({"model": native.state_dict(), "settings": RecordedSettings(BUNDLES / "organ_seg", "organ", native, {}).state_dict()},
+               native_ckpt)  # fmt: skip
+    assert torch.load(native_ckpt, weights_only=True)["settings"]["network"]["_target_"].endswith("NativeHeadsDynUNet")
+    built = [parsed(native_ckpt, **o).get_parsed_content("network_def") for o in ({}, {"network_def#filters": tiny})]
+    assert [type(n) for n in built] == [NativeHeadsDynUNet, NativeHeadsDynUNet]
     wider = parsed(ckpt, **{"network_def#filters": [8, 8, 8, 8, 8, 8]})
     raises_cause(r"network_def#filters: .* was trained with \[4, 8, 8, 8, 8, 8\], but this run sets \[8, 8, 8, 8, 8, 8\]",
                  lambda: wider.get_parsed_content("network_def"))  # fmt: skip

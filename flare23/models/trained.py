@@ -214,14 +214,15 @@ class TrainedSettings:
         }
 
     def network(self, target: str, args: dict) -> torch.nn.Module:
-        """The network to load the weights into: ``target(**args)``, or the stored definition when ``args`` are the defaults."""
+        """The network to load the weights into: the stored definition when ``args`` are the defaults or repeat it, else
+        ``target(**args)`` (no stored definition) or a one-line error (a contradiction)."""
         stored = (self.settings or {}).get("network")
         if not stored:
             return _locate(target)(**args)
         asked = _spec_of(target, args)
         diff = network_difference(stored, asked, "network_def#network", heads_optional=True)
-        if diff is None:
-            return _locate(target)(**args)
+        if diff is None:  # the recorded definition on every route: overrides that repeat it build the same class
+            return build_network(heads_as_asked(stored, asked))
         defaults = self._default_args()
         if defaults is not None and same(asked, _spec_of(defaults.pop("_network"), defaults)):
             logger.info("%s: network built as recorded in the checkpoint (%s)", self.path, stored["_target_"])
@@ -238,8 +239,9 @@ def trained_network(settings: TrainedSettings | None = None, network: str = "Dyn
 
     ``network`` is the class (a MONAI short name or a dotted path), ``args`` its arguments, each an id
     that can be overridden as usual (``network_def#filters``). Without stored settings this is
-    ``network(**args)``; with them, the stored definition is built when ``args`` are the config's
-    defaults, and an argument that contradicts it is a one-line error. The fine bundles infer without
+    ``network(**args)``; with them, the stored definition is built when ``args`` are the config's defaults or repeat
+    it (the same class on every route, also where the overrides name an equivalent class), and an argument that
+    contradicts it is a one-line error. The fine bundles infer without
     the deep-supervision heads they trained with (``deep_supervision`` false: scriptable, and the heads
     are training outputs only); that is not a contradiction. The network's ``load_state_dict`` takes a
     training's checkpoint as written (:func:`flare23.training.checkpoints.accept_trained_state`: the heads
